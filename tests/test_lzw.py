@@ -1,0 +1,203 @@
+"""The LZW codec: worked examples, a naive reference, round-trips and fault tolerance."""
+import random
+
+import pytest
+
+from zip2zip import LZW, lzw_decode, lzw_encode, lzw_encode_window
+
+
+def naive_encode(ids, V, C, M, D=()):
+    """DESIGN.md section 1, line by line, with tuples as keys: slow and obviously right."""
+    codebook, out, buf = {}, [], ()
+    code = lambda b: b[0] if len(b) == 1 else codebook[b]
+    for t in ids:
+        if t in D:
+            if buf:
+                out.append(code(buf))
+            out.append(t)
+            buf = ()
+        elif len(buf) == 0 or buf + (t,) in codebook:
+            buf = buf + (t,)
+        else:
+            if len(codebook) < C:
+                codebook[buf + (t,)] = V + len(codebook)
+            out.append(code(buf))
+            buf = (t,)
+        if len(buf) == M:
+            out.append(code(buf))
+            buf = ()
+    if buf:
+        out.append(code(buf))
+    return out, {v: k for k, v in codebook.items()}
+
+
+def codebook_of(lzw):
+    return {lzw.V + i: e for i, e in enumerate(lzw.entries)}
+
+
+def encoded_state(ids, V, C, M, D=()):
+    lzw, out = LZW(V, C, M, D), []
+    lzw.feed(ids, out)
+    lzw.flush(out)
+    return out, lzw
+
+
+# DESIGN.md section 1, worked by hand (V=100, C=64, M=4 unless stated)
+WORKED = [
+    ([1, 2, 3, 1, 2, 3, 1, 2, 3, 4, 1, 2, 3, 4, 5, 1, 2], 64, (), [1, 2, 3, 100, 102, 101, 4, 103, 4, 5, 100]),
+    ([7, 7, 7, 7, 7, 7, 7, 7], 64, (), [7, 100, 101, 100]),
+    ([1, 2, 9, 1, 2, 1, 2, 9, 1, 2], 64, (9,), [1, 2, 9, 100, 100, 9, 100]),
+    ([1, 2, 3, 1, 2, 3, 1, 2, 3], 2, (), [1, 2, 3, 100, 3, 100, 3]),
+    ([1, 2, 1, 2, 1], 64, (), [1, 2, 100, 1]),  # the module docstring's example
+]
+
+
+@pytest.mark.parametrize("ids,C,D,codes", WORKED)
+def test_worked_examples(ids, C, D, codes):
+    assert lzw_encode(ids, 100, C, 4, D) == codes
+    assert lzw_decode(codes, 100, C, 4, D) == ids
+
+
+def test_worked_codebook():
+    _, lzw = encoded_state([1, 2, 3, 1, 2, 3, 1, 2, 3, 4, 1, 2, 3, 4, 5, 1, 2], 100, 64, 4)
+    assert codebook_of(lzw) == {
+        100: (1, 2), 101: (2, 3), 102: (3, 1), 103: (1, 2, 3), 104: (3, 1, 2), 105: (2, 3, 4),
+        106: (4, 1), 107: (1, 2, 3, 4), 108: (4, 5), 109: (5, 1)}
+
+
+def test_kwkwk_pending():
+    # After reading 7 the decoder knows no entry; the next code 100 is the pending id [7,7].
+    lzw = LZW(100, 64, 4)
+    assert lzw.push(7) == ((7,), range(100, 100))
+    assert lzw.pending() == (7, 7)
+    ids, new = lzw.push(100)
+    assert ids == (7, 7) and list(new) == [100]       # reading 100 installed it
+    assert lzw.pending() == (7, 7, 7)                   # the match is (7,7) now
+
+
+def random_stream(rng, V, n, repeats=True):
+    if repeats and rng.random() < 0.5:                  # repeated motifs make long hypertokens
+        motifs = [[rng.randrange(V) for _ in range(rng.randint(1, 4))] for _ in range(3)]
+        out = []
+        while len(out) < n:
+            out += rng.choice(motifs) if rng.random() < 0.8 else [rng.randrange(V)]
+        return out[:n]
+    return [rng.randrange(V) for _ in range(n)]
+
+
+def random_params(rng):
+    V = rng.randint(1, 6)
+    D = tuple(rng.sample(range(V), rng.randint(0, min(2, V - 1))))
+    return V, rng.choice([0, 1, 2, 5, 30, 1000]), rng.randint(1, 5), D
+
+
+@pytest.mark.parametrize("seed", range(8))
+def test_matches_naive_reference(seed):
+    rng = random.Random(seed)
+    for _ in range(300):
+        V, C, M, D = random_params(rng)
+        ids = random_stream(rng, V, rng.randint(0, 80))
+        expected, expected_book = naive_encode(ids, V, C, M, D)
+        codes, lzw = encoded_state(ids, V, C, M, D)
+        assert codes == expected, (ids, V, C, M, D)
+        assert codebook_of(lzw) == expected_book
+        assert lzw_decode(codes, V, C, M, D) == ids
+
+
+def test_codebook_full_and_kwkwk_runs_happen():
+    # The random tests must really visit the corner cases: count them.
+    rng, full, kwkwk = random.Random(0), 0, 0
+    for _ in range(500):
+        V, C, M, D = random_params(rng)
+        ids = random_stream(rng, V, 60)
+        codes, lzw = encoded_state(ids, V, C, M, D)
+        full += 0 < C == lzw.n_entries
+        dec = LZW(V, C, M, D)
+        for c in codes:
+            kwkwk += c == V + dec.n_entries
+            dec.push(c)
+    assert full > 20 and kwkwk > 20
+
+
+def test_max_subtokens_one_is_identity():
+    rng = random.Random(1)
+    ids = random_stream(rng, 5, 200)
+    codes, lzw = encoded_state(ids, 5, 100, 1)
+    assert codes == ids and lzw.n_entries == 0
+
+
+@pytest.mark.parametrize("seed", range(4))
+def test_expanded_hypertokens_decode(seed):
+    """Spell some hypertokens out in base tokens: the same text comes back, and the decoder's
+    codebook is the encoder's (DESIGN.md 1.1)."""
+    rng = random.Random(seed)
+    for _ in range(200):
+        V, C, M, D = random_params(rng)
+        ids = random_stream(rng, V, rng.randint(1, 80))
+        codes, lzw = encoded_state(ids, V, C, M, D)
+        noisy = []
+        for c in codes:
+            noisy += list(lzw.content(c)) if c >= V and rng.random() < 0.4 else [c]
+        dec = LZW(V, C, M, D)
+        assert [t for i, c in enumerate(noisy) for t in dec.push(c, i)[0]] == ids
+        assert dec.entries == lzw.entries
+
+
+@pytest.mark.parametrize("seed", range(4))
+def test_random_valid_streams_decode(seed):
+    """Any stream of valid codes (what a model may generate) decodes, and the codebook after
+    decoding equals the encoder's codebook over the decoded text."""
+    rng = random.Random(seed)
+    for _ in range(200):
+        V, C, M, D = random_params(rng)
+        dec, stream, ids = LZW(V, C, M, D), [], []
+        for _ in range(rng.randint(1, 60)):
+            valid = list(range(V + dec.n_entries)) + ([V + dec.n_entries] if dec.pending() else [])
+            code = rng.choice(valid[V:]) if valid[V:] and rng.random() < 0.5 else rng.choice(valid)
+            stream.append(code)
+            ids += dec.push(code)[0]
+        assert lzw_decode(stream, V, C, M, D) == ids
+        assert dec.entries == encoded_state(ids, V, C, M, D)[1].entries
+
+
+@pytest.mark.parametrize("codes,bad", [([1, 101], 101), ([1, 2, 103], 103), ([-1], -1), ([100], 100)])
+def test_invalid_codes_raise(codes, bad):
+    with pytest.raises(ValueError, match=f"invalid code {bad} at position {len(codes) - 1}"):
+        lzw_decode(codes, 100, 64, 4)
+
+
+def test_pending_rules():
+    # Pending needs room in the codebook and a match shorter than M.
+    with pytest.raises(ValueError):
+        lzw_decode([7, 100], 100, 0, 4)             # C=0: no entries, no pending
+    with pytest.raises(ValueError):
+        lzw_decode([7, 9, 100], 100, 64, 4, (9,))   # after a wall there is no match
+    assert lzw_decode([7, 100], 100, 64, 4) == [7, 7, 7]
+    # [7,7] is installed by 7,7; then the match (7) extended by 7 is already an entry: no pending
+    assert lzw_decode([7, 7], 100, 64, 4) == [7, 7]
+    with pytest.raises(ValueError):
+        lzw_decode([7, 7, 101], 100, 64, 4)
+
+
+def test_encoder_rejects_ids_outside_base_vocabulary():
+    with pytest.raises(ValueError, match="base id 100 at position 2"):
+        lzw_encode([1, 2, 100], 100, 64, 4)
+    with pytest.raises(ValueError, match="base id -3 at position 0"):
+        lzw_encode([-3], 100, 64, 4)
+    with pytest.raises(ValueError, match="max_subtokens"):
+        lzw_encode([1], 100, 64, 0)
+
+
+@pytest.mark.parametrize("seed", range(3))
+def test_windows_cover_the_stream(seed):
+    rng = random.Random(seed)
+    V, C, M, D = 6, 20, 4, (5,)
+    ids = random_stream(rng, V, 500)
+    start, n = 0, 0
+    while start < len(ids):
+        codes, used = lzw_encode_window(ids, start, 37, V, C, M, D)
+        # the first codes of the canonical encoding of what is left, covering exactly `used` ids
+        assert codes == lzw_encode(ids[start:], V, C, M, D)[:37]
+        assert lzw_decode(codes, V, C, M, D) == ids[start:start + used]
+        start, n = start + used, n + 1
+    assert start == len(ids) and n > 3

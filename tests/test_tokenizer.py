@@ -1,0 +1,107 @@
+"""The tokenizer: GPT-2 BPE then LZW, round-trips from the empty string to whole files."""
+import os
+import sysconfig
+
+import numpy as np
+import pytest
+
+from zip2zip import Tokenizer, compression_stats, efficiency_report, lzw_decode, lzw_encode
+
+
+@pytest.fixture(scope="module")
+def tok():
+    return Tokenizer(max_subtokens=4, max_codebook_size=1024)
+
+
+STDLIB = sysconfig.get_paths()["stdlib"]
+TEXTS = [
+    "",
+    "a",
+    "hello hello hello hello hello",
+    "def f(x):\n    return x\n\ndef g(x):\n    return x\n" * 5,
+    "naïve café — 日本語のテキスト 🙂🙂🙂 ∑∫ ü ß",
+    "one<|endoftext|>two<|endoftext|><|endoftext|>one two",
+    "    " * 100 + "\n" * 50,
+    "1234567890 " * 20,
+]
+
+
+@pytest.mark.parametrize("text", TEXTS)
+def test_round_trip(tok, text):
+    codes = tok.encode(text)
+    assert tok.decode(codes) == text
+    assert len(codes) <= len(tok.encode_base(text))
+
+
+@pytest.mark.parametrize("name", ["json/decoder.py", "textwrap.py", "this.py"])
+@pytest.mark.parametrize("M,C", [(1, 1024), (2, 64), (4, 1024), (5, 16)])
+def test_round_trip_whole_files(name, M, C):
+    text = open(os.path.join(STDLIB, name), encoding="utf-8").read()
+    tok = Tokenizer(max_subtokens=M, max_codebook_size=C)
+    codes = tok.encode(text)
+    assert tok.decode(codes) == text
+    if M == 1:
+        assert codes == tok.encode_base(text)
+    else:
+        assert len(codes) < len(tok.encode_base(text))   # code always has repeats
+
+
+def test_endoftext_is_a_wall(tok):
+    text = "abc abc abc<|endoftext|>abc abc abc"
+    codes = tok.encode(text)
+    i = codes.index(tok.eot)
+    lzw = tok.codec()
+    for c in codes[:i + 1]:
+        lzw.push(c)
+    before = list(lzw.entries)
+    for c in codes[i + 1:]:
+        lzw.push(c)
+    # no entry contains the wall, and the text after it makes new entries of its own
+    assert all(tok.eot not in e for e in lzw.entries)
+    assert len(lzw.entries) > len(before)
+
+
+def test_no_digit_merges():
+    plain, nodig = Tokenizer(4, 1024), Tokenizer(4, 1024, no_digit_merges=True)
+    text = "x = 12345 + 12345 + 12345 + 12345\n" * 10
+    assert nodig.decode(nodig.encode(text)) == text
+    lzw = nodig.codec()
+    for c in nodig.encode(text):
+        lzw.push(c)
+    digit = lambda t: any(ch.isdigit() for ch in nodig.decode_base([t]))
+    assert lzw.entries and not any(digit(t) for e in lzw.entries for t in e)
+    # without the option, digits do merge
+    lzw = plain.codec()
+    for c in plain.encode(text):
+        lzw.push(c)
+    assert any(digit(t) for e in lzw.entries for t in e)
+
+
+def test_segments_and_show(tok):
+    text = "the cat the cat the cat é"
+    codes = tok.encode(text)
+    segs = tok.segments(codes)
+    assert "".join(s for _, s in segs) == text
+    assert any(c >= tok.vocab_size for c, _ in segs)
+    plain = tok.show(codes, color=False)
+    assert plain.replace("[", "").replace("]", "") == text and "[" in plain
+    coloured = tok.show(codes, color=True)
+    assert "\x1b[" in coloured
+    # a multi-byte character split across two base tokens is shown whole, once
+    emoji = "🙂🙂🙂🙂"
+    assert "".join(s for _, s in tok.segments(tok.encode(emoji))) == emoji
+
+
+def test_compression_stats_and_report(tok, tmp_path, capsys):
+    ids = tok.encode_base("for i in range(10):\n    print(i)\n" * 40)
+    s = compression_stats(tok, ids, window=64)
+    assert s["base_tokens"] == len(ids) and s["bytes"] == len(tok.decode_base(ids).encode())
+    # windows never compress better than one codebook over the whole text
+    assert s["codes"] >= compression_stats(tok, ids, window=0)["codes"]
+    path = tmp_path / "a.bin"
+    np.array(ids, dtype=np.uint16).tofile(path)
+    total = efficiency_report([str(path)], 4, 1024, 64)
+    assert total == s
+    assert "total" in capsys.readouterr().out
+    with pytest.raises(SystemExit, match="not a file"):
+        efficiency_report([str(tmp_path / "missing.txt")])

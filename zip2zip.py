@@ -27,6 +27,7 @@ import codecs
 import math
 import os
 import sys
+import time
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -313,6 +314,566 @@ def efficiency_report(paths, max_subtokens=4, max_codebook_size=1024, window=102
         print(f"{name[-40:]:<40} {b:>12,} {s['base_tokens']:>11,} {s['codes']:>11,} "
               f"{b / n:>7.2f} {b / c:>7.2f} {c / n:>6.3f}")
     return total
+
+# -----------------------------------------------------------------------------
+# What the model needs to know about each row's codebook, position by position
+#
+# The codebook of a row is a function of the row's codes: decode them and record, after each
+# position t, how many entries are installed (n_t) and the pending content (if any). The
+# hyper-encoder output depends only on an entry's base ids, so contents are deduplicated across
+# the whole batch and encoded once. Example (V=100, M=4), one row [7, 100, 101]:
+#   after 7: n=0, pending (7,7) | after 100: n=1 ([7,7]), pending (7,7,7) | after 101: n=2, ...
+#   contents: [(7,7), (7,7,7), ...], entries[0] = [0, 1], pending[0] = [0, 1, ...]
+
+
+@dataclass
+class HyperBatch:
+    contents: "torch.Tensor"     # (U, M) int64: unique base-id contents, padded with 0
+    lengths: "torch.Tensor"      # (U,) int64: their lengths, 2..M
+    entries: "torch.Tensor"      # (B, K) int64: row b's hypertoken V+j is contents[entries[b, j]]
+    n_installed: "torch.Tensor"  # (B, T) int64: entries installed after reading codes 0..t
+    pending: "torch.Tensor"      # (B, T) int64: index of the pending content after t, or -1
+
+    def to(self, device):
+        return HyperBatch(*(getattr(self, f).to(device, non_blocking=True) for f in
+                            ("contents", "lengths", "entries", "n_installed", "pending")))
+
+
+def hyper_batch(rows, vocab_size, max_codebook_size, max_subtokens, disabled_ids=()):
+    """Decode each row of codes (a list of lists, all of length T) into a HyperBatch."""
+    import torch
+    index, contents = {}, []               # content -> its index in `contents`
+
+    def content_id(c):
+        if c not in index:
+            index[c] = len(contents)
+            contents.append(c)
+        return index[c]
+
+    entries, n_installed, pending = [], [], []
+    for row in rows:
+        lzw, n_row, p_row = LZW(vocab_size, max_codebook_size, max_subtokens, disabled_ids), [], []
+        for t, code in enumerate(row):
+            lzw.push(code, t)
+            n_row.append(len(lzw.entries))
+            p = lzw.pending()
+            p_row.append(-1 if p is None else content_id(p))
+        entries.append([content_id(e) for e in lzw.entries])
+        n_installed.append(n_row)
+        pending.append(p_row)
+    K = max((len(e) for e in entries), default=0)
+    M = max_subtokens
+    return HyperBatch(
+        contents=torch.tensor([c + (0,) * (M - len(c)) for c in contents], dtype=torch.long).view(-1, M),
+        lengths=torch.tensor([len(c) for c in contents], dtype=torch.long),
+        entries=torch.tensor([e + [0] * (K - len(e)) for e in entries], dtype=torch.long).view(len(rows), K),
+        n_installed=torch.tensor(n_installed, dtype=torch.long).view(len(rows), -1),
+        pending=torch.tensor(pending, dtype=torch.long).view(len(rows), -1))
+
+
+# -----------------------------------------------------------------------------
+# The model: nanoGPT's GPT, plus a hyper-encoder for the hypertoken rows
+
+import torch  # noqa: E402  (the codec above runs without torch; the model needs it)
+import torch.nn as nn  # noqa: E402
+from torch.nn import functional as F  # noqa: E402
+
+import kernels  # noqa: E402
+
+
+class LayerNorm(nn.Module):
+    """LayerNorm with an optional bias (PyTorch's has no bias=False before 2.1)."""
+
+    def __init__(self, ndim, bias):
+        super().__init__()
+        self.weight = nn.Parameter(torch.ones(ndim))
+        self.bias = nn.Parameter(torch.zeros(ndim)) if bias else None
+
+    def forward(self, x):
+        return F.layer_norm(x, self.weight.shape, self.weight, self.bias, 1e-5)
+
+
+class SelfAttention(nn.Module):
+    """Multi-head self-attention: causal in the GPT, bidirectional over slots in the hyper-encoder."""
+
+    def __init__(self, config, causal):
+        super().__init__()
+        assert config.n_embd % config.n_head == 0
+        self.c_attn = nn.Linear(config.n_embd, 3 * config.n_embd, bias=config.bias)
+        self.c_proj = nn.Linear(config.n_embd, config.n_embd, bias=config.bias)
+        self.resid_dropout = nn.Dropout(config.dropout)
+        self.n_head, self.dropout, self.causal = config.n_head, config.dropout, causal
+
+    def forward(self, x, mask=None, cache=None):
+        # mask: (B, 1, T, Tk) bool, True where attention is allowed; cache: a KVCache layer view
+        B, T, C = x.size()
+        q, k, v = self.c_attn(x).split(C, dim=2)
+        q, k, v = (z.view(B, T, self.n_head, C // self.n_head).transpose(1, 2) for z in (q, k, v))  # (B, nh, T, hs)
+        if cache is not None:
+            k, v = cache.append(k, v)                                   # (B, nh, Tk, hs)
+        dropout = self.dropout if self.training else 0.0
+        causal = self.causal and mask is None
+        y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, dropout_p=dropout, is_causal=causal)
+        y = y.transpose(1, 2).contiguous().view(B, T, C)                # (B, T, C)
+        return self.resid_dropout(self.c_proj(y))
+
+
+class MLP(nn.Module):
+    def __init__(self, config):
+        super().__init__()
+        self.c_fc = nn.Linear(config.n_embd, 4 * config.n_embd, bias=config.bias)
+        self.gelu = nn.GELU()
+        self.c_proj = nn.Linear(4 * config.n_embd, config.n_embd, bias=config.bias)
+        self.dropout = nn.Dropout(config.dropout)
+
+    def forward(self, x):
+        return self.dropout(self.c_proj(self.gelu(self.c_fc(x))))
+
+
+class Block(nn.Module):
+    def __init__(self, config, causal=True):
+        super().__init__()
+        self.ln_1 = LayerNorm(config.n_embd, bias=config.bias)
+        self.attn = SelfAttention(config, causal)
+        self.ln_2 = LayerNorm(config.n_embd, bias=config.bias)
+        self.mlp = MLP(config)
+
+    def forward(self, x, mask=None, cache=None):
+        x = x + self.attn(self.ln_1(x), mask, cache)
+        return x + self.mlp(self.ln_2(x))
+
+
+class HyperEncoder(nn.Module):
+    """Embeds a hypertoken from the embeddings of its base tokens.
+
+    A small bidirectional transformer over the M slots (pads masked), masked mean pooling, and a
+    zero-initialised output projection added to the mean of the slot inputs: at initialisation
+    a hypertoken is (nearly) the mean of its base embeddings, a sensible point to start from. A
+    random encoder's output can be tens of times the norm of a token embedding instead.
+    """
+
+    def __init__(self, config):
+        super().__init__()
+        self.slot_pos = nn.Parameter(torch.randn(config.max_subtokens, config.n_embd) * 0.02)
+        self.blocks = nn.ModuleList([Block(config, causal=False) for _ in range(config.hyper_n_layer)])
+        self.ln_f = LayerNorm(config.n_embd, bias=config.bias)
+        self.proj = nn.Linear(config.n_embd, config.n_embd, bias=config.bias)
+        nn.init.zeros_(self.proj.weight)
+
+    def forward(self, contents, lengths, table):
+        # contents (U, M) base ids, lengths (U,), table (V, d) the base embeddings -> (U, d)
+        U, M = contents.size()
+        x = kernels.gather_slots(contents, lengths, table, self.slot_pos)   # (U, M, d), pads are 0
+        valid = torch.arange(M, device=contents.device) < lengths[:, None]  # (U, M)
+        denom = lengths[:, None].to(x.dtype)
+        mean = x.sum(1) / denom                                             # (U, d)
+        mask = valid[:, None, None, :]                                      # (U, 1, 1, M): keys
+        h = x
+        for block in self.blocks:
+            h = block(h, mask)
+        h = (self.ln_f(h) * valid[..., None]).sum(1) / denom                # (U, d)
+        return mean + self.proj(h)
+
+
+def masked_hyper_logits(x, table, n_installed, pending, has_pending):
+    """Scores of the hypertoken ids V, V+1, ... over the exact causal vocabulary (DESIGN.md 2).
+
+    x (B, T, d) hidden states; table (B, K, d) each row's entry vectors; n_installed (B, T);
+    pending (B, T, d) the vector of the pending content and has_pending (B, T) whether it exists.
+    Returns (B, T, K + 1): column j < n_t scores entry j, column n_t the pending id, rest -inf.
+    """
+    B, T, _ = x.size()
+    K = table.size(1)
+    logits = x @ table.transpose(1, 2)                                     # (B, T, K)
+    logits = torch.cat([logits, logits.new_zeros(B, T, 1)], dim=-1)        # room for n_t == K
+    col = torch.arange(K + 1, device=x.device)
+    n = n_installed[..., None]                                             # (B, T, 1)
+    logits = torch.where(col == n, (x * pending).sum(-1, keepdim=True), logits)
+    valid = (col < n) | ((col == n) & has_pending[..., None])
+    return logits.masked_fill(~valid, float("-inf"))
+
+
+def check_targets(targets, hyper, vocab_size):
+    """ValueError naming the first target outside the causal vocabulary of its position."""
+    n = hyper.n_installed if hyper is not None else torch.zeros_like(targets)
+    has = hyper.pending >= 0 if hyper is not None else torch.zeros_like(targets, dtype=torch.bool)
+    ok = (targets == -1) | ((targets >= 0) & (targets < vocab_size + n)) | ((targets == vocab_size + n) & has)
+    if not ok.all():
+        b, t = (~ok).nonzero()[0].tolist()
+        raise ValueError(f"target {targets[b, t].item()} at row {b}, position {t} is not a valid next code "
+                         f"there (base ids < {vocab_size}, {n[b, t].item()} installed hypertokens"
+                         f"{', and the pending id' if has[b, t] else ''})")
+
+
+@dataclass
+class GPTConfig:
+    block_size: int = 1024          # context, in codes: on code it holds about twice the text of BPE
+    vocab_size: int = 50257         # V: GPT-2's BPE base vocabulary; hypertoken ids start here
+    n_layer: int = 12               # GPT-2 small (124M), so released weights load for adaptation
+    n_head: int = 12
+    n_embd: int = 768
+    dropout: float = 0.0            # pretraining on this much data does not overfit
+    bias: bool = True               # GPT-2 has biases; False is a little faster and as good
+    max_subtokens: int = 4          # M: longest hypertoken; 1 = plain GPT; the paper finds 3..5 close
+    max_codebook_size: int = 1024   # C: at most this many hypertokens per sequence
+    disabled_ids: tuple = (50256,)  # never merged: <|endoftext|> (the tokenizer may add digits)
+    hyper_n_layer: int = 1          # hyper-encoder depth: 1-2 layers beat mean pooling in the paper
+    tie_weights: bool = True        # one table (and one hyper-encoder) for input and output, as GPT-2
+    recon_lambda: float = 0.1       # weight of the reconstruction loss (paper: 0.1); 0 turns it off
+    recon_max_entries: int = 256    # hypertokens per batch it is computed on: it needs (N*M, V) logits
+
+    @property
+    def hyper(self):
+        return self.max_subtokens > 1
+
+
+class GPT(nn.Module):
+
+    def __init__(self, config):
+        super().__init__()
+        assert config.vocab_size is not None and config.block_size is not None
+        self.config = config
+        self.transformer = nn.ModuleDict(dict(
+            wte=nn.Embedding(config.vocab_size, config.n_embd),
+            wpe=nn.Embedding(config.block_size, config.n_embd),
+            drop=nn.Dropout(config.dropout),
+            h=nn.ModuleList([Block(config) for _ in range(config.n_layer)]),
+            ln_f=LayerNorm(config.n_embd, bias=config.bias),
+        ))
+        self.lm_head = nn.Linear(config.n_embd, config.vocab_size, bias=False)
+        if config.tie_weights:
+            self.lm_head.weight = self.transformer.wte.weight
+        if config.hyper:   # M=1: no hypertokens, no extra parameters: exactly nanoGPT's GPT
+            self.hyper_in = HyperEncoder(config)
+            self.hyper_out = self.hyper_in if config.tie_weights else HyperEncoder(config)
+            # f_psi of the reconstruction loss: one linear map per slot, then the base unembedding
+            self.recon = nn.Parameter(torch.zeros(config.max_subtokens, config.n_embd, config.n_embd))
+        self.apply(self._init_weights)
+        for pn, p in self.named_parameters():
+            if pn.endswith("c_proj.weight"):   # GPT-2's scaled init of residual projections
+                torch.nn.init.normal_(p, mean=0.0, std=0.02 / math.sqrt(2 * config.n_layer))
+        if config.hyper:
+            for enc in {self.hyper_in, self.hyper_out}:
+                nn.init.zeros_(enc.proj.weight)
+            nn.init.normal_(self.recon, std=1 / math.sqrt(config.n_embd))
+        self.last_losses = {}
+
+    def _init_weights(self, module):
+        if isinstance(module, nn.Linear):
+            torch.nn.init.normal_(module.weight, mean=0.0, std=0.02)
+            if module.bias is not None:
+                torch.nn.init.zeros_(module.bias)
+        elif isinstance(module, nn.Embedding):
+            torch.nn.init.normal_(module.weight, mean=0.0, std=0.02)
+
+    def get_num_params(self, non_embedding=True):
+        n_params = sum(p.numel() for p in self.parameters())
+        if non_embedding:
+            n_params -= self.transformer.wpe.weight.numel()
+        return n_params
+
+    def codec(self):
+        """A fresh LZW state with this model's settings."""
+        c = self.config
+        return LZW(c.vocab_size, c.max_codebook_size, c.max_subtokens, c.disabled_ids)
+
+    def hyper_batch(self, rows):
+        c = self.config
+        return hyper_batch(rows, c.vocab_size, c.max_codebook_size, c.max_subtokens, c.disabled_ids)
+
+    def hyper_tables(self, contents, lengths):
+        """Input and output hyper-embeddings of contents (U, M): two (U, d) tensors."""
+        h_in = self.hyper_in(contents, lengths, self.transformer.wte.weight)
+        if self.config.tie_weights:
+            return h_in, h_in
+        return h_in, self.hyper_out(contents, lengths, self.lm_head.weight)
+
+    def forward(self, idx, targets=None, hyper=None):
+        """idx (B, T) codes -> logits (B, T, V [+ K + 1]) and, with targets, the loss.
+
+        Column V + j is hypertoken V + j. hyper: the rows' HyperBatch; derived from idx if None.
+        """
+        c, device = self.config, idx.device
+        B, T = idx.size()
+        assert T <= c.block_size, f"Cannot forward sequence of length {T}, block size is only {c.block_size}"
+        wte = self.transformer.wte.weight
+        derived = c.hyper and hyper is None
+        if c.hyper:
+            if derived:
+                hyper = self.hyper_batch(idx.tolist()).to(device)
+            h_in, h_out = self.hyper_tables(hyper.contents, hyper.lengths)    # (U, d) each
+            table_in = h_in[hyper.entries]                                    # (B, K, d)
+        else:
+            table_in = wte.new_zeros(B, 0, c.n_embd)
+        tok_emb = kernels.hyper_embedding(idx, wte, table_in, c.vocab_size)   # (B, T, d)
+        pos_emb = self.transformer.wpe(torch.arange(T, device=device))        # (T, d)
+        x = self.transformer.drop(tok_emb + pos_emb)
+        for block in self.transformer.h:
+            x = block(x)
+        x = self.transformer.ln_f(x)
+        logits = self.lm_head(x)                                              # (B, T, V)
+        if c.hyper:
+            pend = h_out[hyper.pending.clamp(min=0)]                          # (B, T, d)
+            hyper_logits = masked_hyper_logits(x, h_out[hyper.entries], hyper.n_installed,
+                                               pend, hyper.pending >= 0)
+            logits = torch.cat([logits, hyper_logits], dim=-1)                # (B, T, V + K + 1)
+        if targets is None:
+            return logits, None
+        if derived:
+            # Checked where it costs no extra device sync; a loader's HyperBatch comes from the
+            # encoder itself. An invalid target would otherwise make the loss silently inf.
+            check_targets(targets, hyper, c.vocab_size)
+        lm_loss = F.cross_entropy(logits.view(-1, logits.size(-1)).float(), targets.reshape(-1),
+                                  ignore_index=-1)
+        loss, self.last_losses = lm_loss, {"lm": lm_loss.detach()}
+        if c.hyper and c.recon_lambda > 0 and hyper.contents.size(0) > 0:
+            recon = self.reconstruction_loss(h_in, hyper.contents, hyper.lengths)
+            loss = loss + c.recon_lambda * recon
+            self.last_losses["recon"] = recon.detach()
+        return logits, loss
+
+    def reconstruction_loss(self, h, contents, lengths):
+        """The paper's auxiliary loss: each slot's base id from the hyper-embedding, by f_psi."""
+        U, M = contents.size()
+        n = min(U, self.config.recon_max_entries)
+        pick = torch.randperm(U, device=h.device)[:n]                         # a random subsample
+        z = torch.einsum("nd,sde->nse", h[pick], self.recon)                  # (n, M, d)
+        logits = self.lm_head(self.transformer.ln_f(z))                       # (n, M, V)
+        target = contents[pick].masked_fill(torch.arange(M, device=h.device) >= lengths[pick, None], -1)
+        return F.cross_entropy(logits.view(n * M, -1).float(), target.view(-1), ignore_index=-1)
+
+    # -------------------------------------------------------------------------
+    # Scoring and generation, through the KV-cached incremental decoder below
+
+    def nll(self, codes):
+        """Total negative log-likelihood (nats) of codes[1:] given codes[0], one sequence.
+
+        Teacher-forced when it fits the context, else replayed through the KV-cached decoder
+        (cropping as generation does). Both agree where both apply (tested)."""
+        if len(codes) < 2:
+            return 0.0
+        if len(codes) <= self.config.block_size + 1:
+            idx = torch.tensor([codes[:-1]], device=self.device)
+            logits, _ = self(idx)
+            logp = F.log_softmax(logits.float(), dim=-1)[0]
+            return -logp[torch.arange(len(codes) - 1), torch.tensor(codes[1:], device=self.device)].sum().item()
+        dec, total = IncrementalDecoder(self, [codes[:1]]), 0.0
+        for code in codes[1:]:
+            total -= F.log_softmax(dec.logits().float(), dim=-1)[0, code].item()
+            dec.advance([code])
+        return total
+
+    def score(self, text, tokenizer):
+        """(NLL in nats, UTF-8 bytes) of a text, encoded canonically after an <|endoftext|>.
+
+        bits per byte = nll / (ln 2 * bytes): the same text gives comparable numbers for a plain
+        and a zip2zip model, whatever their codes."""
+        c = self.config
+        settings = (tokenizer.vocab_size, tokenizer.max_codebook_size, tokenizer.max_subtokens)
+        if settings != (c.vocab_size, c.max_codebook_size, c.max_subtokens) or \
+                tokenizer.disabled_ids != frozenset(c.disabled_ids):
+            raise ValueError(f"tokenizer (V, C, M) = {settings} and disabled ids do not match the model's "
+                             f"{(c.vocab_size, c.max_codebook_size, c.max_subtokens)}")
+        ids = [tokenizer.eot] + tokenizer.encode_base(text)
+        return self.nll(lzw_encode(ids, *settings, tokenizer.disabled_ids)), tokenizer.n_bytes(ids)
+
+    @property
+    def device(self):
+        return self.transformer.wte.weight.device
+
+    @torch.no_grad()
+    def generate(self, idx, max_new_tokens, temperature=1.0, top_k=None):
+        """Continue each row of codes by max_new_tokens codes. idx: a (B, T) tensor, or a list of
+        B lists of codes (prompts of different lengths). Returns the same kind, prompts included.
+        Everything it returns decodes; temperature 0 or top_k=1 is greedy."""
+        rows = idx.tolist() if torch.is_tensor(idx) else [list(r) for r in idx]
+        if not rows or any(len(r) == 0 for r in rows):
+            raise ValueError("generate needs at least one prompt and no empty prompt "
+                             "(start from <|endoftext|> for an unconditional sample)")
+        dec = IncrementalDecoder(self, rows)
+        for _ in range(max_new_tokens):
+            logits = dec.logits().float()                                 # (B, V + K + 1)
+            if temperature == 0 or top_k == 1:
+                nxt = logits.argmax(-1)                                   # greedy
+            else:
+                logits = logits / temperature
+                if top_k is not None:
+                    v, _ = torch.topk(logits, min(top_k, logits.size(-1)))
+                    logits[logits < v[:, [-1]]] = -float("Inf")
+                nxt = torch.multinomial(F.softmax(logits, dim=-1), num_samples=1)[:, 0]
+            dec.advance(nxt.tolist())                                     # -inf outside the valid set,
+        out = dec.rows                                                    # so every code decodes
+        return torch.tensor(out, dtype=idx.dtype, device=idx.device) if torch.is_tensor(idx) else out
+
+
+def load_checkpoint(path, device="cpu"):
+    """(model, checkpoint dict) from a checkpoint file or a folder holding `ckpt.pt`.
+
+    A checkpoint is a dict with at least `model` (a state dict) and `model_args` (GPTConfig's
+    fields); train.py adds its config, optimizer and counters. Errors say what is wrong.
+    """
+    import dataclasses
+    file = os.path.join(path, "ckpt.pt") if os.path.isdir(path) else path
+    if not os.path.isfile(file):
+        raise FileNotFoundError(f"no checkpoint at {path!r} (expected a file or a folder holding ckpt.pt)")
+    try:
+        ckpt = torch.load(file, map_location=device, weights_only=False)
+    except Exception as e:
+        raise ValueError(f"{file!r} is not a readable checkpoint: {e}") from None
+    if not isinstance(ckpt, dict) or "model" not in ckpt or "model_args" not in ckpt:
+        raise ValueError(f"{file!r} is not a zip2zip checkpoint (needs keys 'model' and 'model_args')")
+    known = {f.name for f in dataclasses.fields(GPTConfig)}
+    unknown = set(ckpt["model_args"]) - known
+    if unknown:
+        raise ValueError(f"{file!r}: unknown model settings {sorted(unknown)}")
+    args = dict(ckpt["model_args"])
+    args["disabled_ids"] = tuple(args.get("disabled_ids", ()))
+    model = GPT(GPTConfig(**args))
+    # torch.compile prefixes parameter names with _orig_mod.; DDP with module.
+    state = {k.removeprefix("_orig_mod.").removeprefix("module."): v for k, v in ckpt["model"].items()}
+    try:
+        model.load_state_dict(state)
+    except RuntimeError as e:
+        raise ValueError(f"{file!r} does not match its own model settings: {e}") from None
+    return model.to(device), ckpt
+
+
+class KVCache:
+    """Keys and values of every layer, for B rows and up to block_size positions."""
+
+    def __init__(self, config, B, device, dtype):
+        nh, hs = config.n_head, config.n_embd // config.n_head
+        shape = (config.n_layer, B, nh, config.block_size, hs)
+        self.k = torch.zeros(shape, device=device, dtype=dtype)
+        self.v = torch.zeros(shape, device=device, dtype=dtype)
+        self.pos, self.layer = 0, 0   # positions filled; the layer the next append is for
+
+    def append(self, k, v):
+        # k, v (B, nh, T, hs) of the current layer -> all keys and values so far (B, nh, pos+T, hs)
+        i, end = self.layer, self.pos + k.size(2)
+        self.k[i, :, :, self.pos:end], self.v[i, :, :, self.pos:end] = k, v
+        self.layer += 1
+        if self.layer == self.k.size(0):
+            self.layer, self.pos = 0, end
+        return self.k[i, :, :, :end], self.v[i, :, :, :end]
+
+
+class IncrementalDecoder:
+    """KV-cached decoding of B rows: read codes one step at a time, give next-code logits.
+
+    Per row it keeps the LZW decoder state (DESIGN.md 1.1), the hyper-embeddings of the entries
+    installed so far (each encoded once, when it appears: about one per step) and the vector of
+    the pending content. Rows of different lengths are left-padded and masked. When the context
+    is full it keeps the last block_size // 2 codes and re-computes their keys and values; the
+    codebooks live on.
+    """
+
+    def __init__(self, model, prompts):
+        self.model, c = model, model.config
+        self.rows = [list(p) for p in prompts]
+        self.lzw = [model.codec() for _ in prompts]
+        B, d, device = len(prompts), c.n_embd, model.device
+        dtype = model.transformer.wte.weight.dtype
+        self.hyper_seconds = 0.0      # time spent on hypertoken work (measured by bench.py)
+        if c.hyper:
+            self.table_in = torch.zeros(B, c.max_codebook_size, d, device=device, dtype=dtype)
+            self.table_out = self.table_in if c.tie_weights else torch.zeros_like(self.table_in)
+        new = []
+        for b, (lzw, row) in enumerate(zip(self.lzw, self.rows)):
+            for t, code in enumerate(row):
+                lzw.push(code, t)
+            new += [(b, j, e) for j, e in enumerate(lzw.entries)]
+        self._update_hyper(new)
+        self._prefill(c.block_size)
+
+    def _update_hyper(self, new):
+        """Encode the entries just installed ((row, j, content) triples) and every row's pending
+        content, in one hyper-encoder call."""
+        if not self.model.config.hyper:
+            return
+        t0 = time.perf_counter()
+        pend = [lzw.pending() for lzw in self.lzw]
+        contents = [e for _, _, e in new] + [p for p in pend if p is not None]
+        h_in, h_out = self._encode(contents)
+        for i, (b, j, _) in enumerate(new):
+            self.table_in[b, j] = h_in[i]
+            self.table_out[b, j] = h_out[i]
+        self.has_pending = torch.tensor([p is not None for p in pend], device=self.model.device)
+        self.pending = self.table_out.new_zeros(len(pend), self.table_out.size(-1))
+        self.pending[self.has_pending] = h_out[len(new):]
+        self.hyper_seconds += time.perf_counter() - t0
+
+    def _encode(self, contents):
+        M, device = self.model.config.max_subtokens, self.model.device
+        if not contents:
+            empty = self.table_in.new_zeros(0, self.table_in.size(-1))
+            return empty, empty
+        padded = torch.tensor([e + (0,) * (M - len(e)) for e in contents], device=device)
+        lengths = torch.tensor([len(e) for e in contents], device=device)
+        return self.model.hyper_tables(padded, lengths)
+
+    def _embed(self, idx, pos):
+        # idx (B, T) codes, pos (B, T) position ids -> (B, T, d)
+        m, c = self.model, self.model.config
+        K = max(len(lzw.entries) for lzw in self.lzw) if c.hyper else 0
+        table = self.table_in[:, :K] if c.hyper else m.transformer.wte.weight.new_zeros(idx.size(0), 0, c.n_embd)
+        return kernels.hyper_embedding(idx, m.transformer.wte.weight, table, c.vocab_size) + m.transformer.wpe(pos)
+
+    def _run(self, x, mask):
+        m = self.model
+        for block in m.transformer.h:
+            x = block(x, mask, self.cache)
+        self.h = m.transformer.ln_f(x[:, -1])                             # (B, d)
+
+    def _prefill(self, keep):
+        """(Re)compute keys and values for the last `keep` codes of every row."""
+        c, device = self.model.config, self.model.device
+        rows = [r[-keep:] for r in self.rows]
+        B, L = len(rows), max(len(r) for r in rows)
+        idx = torch.tensor([[0] * (L - len(r)) + r for r in rows], device=device)          # (B, L)
+        valid = torch.tensor([[False] * (L - len(r)) + [True] * len(r) for r in rows], device=device)
+        self.next_pos = valid.sum(1)                                      # (B,) next position id
+        self.key_valid = torch.zeros(B, c.block_size, dtype=torch.bool, device=device)
+        self.key_valid[:, :L] = valid
+        causal = torch.ones(L, L, dtype=torch.bool, device=device).tril()
+        # a pad query may attend to itself only, so that no row of the mask is empty
+        mask = (causal & valid[:, None, :]) | torch.eye(L, dtype=torch.bool, device=device)  # (B, L, L)
+        self.cache = KVCache(c, B, device, self.model.transformer.wte.weight.dtype)
+        x = self._embed(idx, (valid.cumsum(1) - 1).clamp(min=0))
+        self._run(x, mask[:, None])
+
+    def logits(self):
+        """Next-code logits (B, V [+ K + 1]), -inf outside each row's valid set."""
+        m, c = self.model, self.model.config
+        logits = m.lm_head(self.h)                                        # (B, V)
+        if not c.hyper:
+            return logits
+        t0 = time.perf_counter()
+        n = torch.tensor([len(lzw.entries) for lzw in self.lzw], device=m.device)
+        K = int(n.max())
+        hyper = masked_hyper_logits(self.h[:, None], self.table_out[:, :K], n[:, None],
+                                    self.pending[:, None], self.has_pending[:, None])[:, 0]
+        self.hyper_seconds += time.perf_counter() - t0
+        return torch.cat([logits, hyper], dim=-1)                         # (B, V + K + 1)
+
+    def advance(self, codes):
+        """Read one code per row; ValueError if a code is not valid for its row."""
+        c, device = self.model.config, self.model.device
+        new = []
+        for b, (lzw, code) in enumerate(zip(self.lzw, codes)):
+            _, installed = lzw.push(code, len(self.rows[b]))
+            new += [(b, i - c.vocab_size, lzw.entries[i - c.vocab_size]) for i in installed]
+            self.rows[b].append(code)
+        self._update_hyper(new)
+        if self.cache.pos == c.block_size:                                # context full: crop
+            self._prefill(c.block_size // 2)
+            return
+        idx = torch.tensor(codes, device=device)[:, None]                 # (B, 1)
+        self.key_valid[:, self.cache.pos] = True
+        x = self._embed(idx, self.next_pos[:, None])
+        self.next_pos = self.next_pos + 1
+        self._run(x, self.key_valid[:, None, None, :self.cache.pos + 1])
+
 
 # -----------------------------------------------------------------------------
 # Configuration: dataclass defaults, then preset files, then --key=value overrides

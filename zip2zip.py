@@ -447,9 +447,9 @@ class HyperEncoder(nn.Module):
     """Embeds a hypertoken from the embeddings of its base tokens.
 
     A small bidirectional transformer over the M slots (pads masked), masked mean pooling, and a
-    zero-initialised output projection added to the mean of the slot inputs: at initialisation
-    a hypertoken is (nearly) the mean of its base embeddings, a sensible point to start from. A
-    random encoder's output can be tens of times the norm of a token embedding instead.
+    zero-initialised output projection added to the mean of the base embeddings: at
+    initialisation a hypertoken is exactly the mean of its base embeddings, a sensible point to
+    start from. A random encoder's output can be tens of times the norm of a token embedding.
     """
 
     def __init__(self, config):
@@ -466,7 +466,8 @@ class HyperEncoder(nn.Module):
         x = kernels.gather_slots(contents, lengths, table, self.slot_pos)   # (U, M, d), pads are 0
         valid = torch.arange(M, device=contents.device) < lengths[:, None]  # (U, M)
         denom = lengths[:, None].to(x.dtype)
-        mean = x.sum(1) / denom                                             # (U, d)
+        # the mean of the base embeddings alone (the slot positions are taken back out)
+        mean = (x.sum(1) - self.slot_pos.to(x.dtype).cumsum(0)[lengths - 1]) / denom  # (U, d)
         mask = valid[:, None, None, :]                                      # (U, 1, 1, M): keys
         h = x
         for block in self.blocks:
@@ -623,7 +624,7 @@ class GPT(nn.Module):
             # Checked where it costs no extra device sync; a loader's HyperBatch comes from the
             # encoder itself. An invalid target would otherwise make the loss silently inf.
             check_targets(targets, hyper, c.vocab_size)
-        lm_loss = F.cross_entropy(logits.view(-1, logits.size(-1)).float(), targets.reshape(-1),
+        lm_loss = F.cross_entropy(logits.view(-1, logits.size(-1)), targets.reshape(-1),
                                   ignore_index=-1)
         loss, self.last_losses = lm_loss, {"lm": lm_loss.detach()}
         if c.hyper and c.recon_lambda > 0 and hyper.contents.size(0) > 0:

@@ -1,0 +1,210 @@
+"""
+Fused kernels for the two embedding lookups of zip2zip.
+
+A zip2zip sequence mixes base tokens (id < V) with hypertokens (id >= V), whose embeddings the
+hyper-encoder computes per row from the base tokens they stand for. Two lookups sit on that path:
+
+1. hyper_embedding: the input embedding of a compressed sequence. Each position reads exactly
+   one row, from wte or from its row's table of hyper-embeddings, and its gradient goes back to
+   that one row. (The published model looks every position up in both tables and adds the two
+   under masks: twice the reads, and a (B, T, d) intermediate per table.)
+2. gather_slots: the input of the hyper-encoder. Each hypertoken is a padded list of base ids;
+   gather their embeddings, add the learned slot positions and zero the pads in one pass,
+   instead of embedding + add + mask as three kernels with two (N, M, d) intermediates.
+
+Each comes as a plain PyTorch reference (the spec, and what runs on CPU), a Triton kernel in a
+torch.autograd.Function, and a dispatch function the model calls. The backward kernels sum into
+the tables with fp32 atomic adds and cast at the end, so repeated ids accumulate in fp32 also
+for bf16 tables (exact up to the order of the adds).
+"""
+
+import torch
+import torch.nn.functional as F
+
+try:
+    import triton
+    import triton.language as tl
+    HAS_TRITON = True
+except ImportError:  # no triton (e.g. macOS): the references run everywhere
+    HAS_TRITON = False
+
+# Which implementation the dispatch functions run: None picks Triton for CUDA tensors and the
+# reference otherwise; "triton" or "reference" forces one. Tests set "triton" to run the kernels
+# on CPU tensors in triton's interpreter. Subtle: the interpreter needs TRITON_INTERPRET=1 in the
+# environment before this module is imported, because @triton.jit reads it when it decorates.
+FORCE = None
+
+
+def _use_triton(*tensors):
+    if FORCE is not None:
+        return FORCE == "triton"
+    return HAS_TRITON and all(t.is_cuda for t in tensors)
+
+
+def _grid(rows, d):
+    # one program per (row, block of BLOCK_D columns); masking covers d that is not a power of 2
+    block_d = min(triton.next_power_of_2(d), 512)
+    return (rows, triton.cdiv(d, block_d)), block_d
+
+
+# -----------------------------------------------------------------------------
+# Triton kernels (defined only if triton imports)
+
+if HAS_TRITON:
+
+    @triton.jit
+    def _hyper_row(tok, b, wte_ptr, hyper_ptr, K, V, D):
+        # the one row an id reads (or, in the backward, writes): wte[tok] or hyper[b, tok - V]
+        return tl.where(tok < V, wte_ptr + tok * D, hyper_ptr + (b * K + tok - V) * D)
+
+    @triton.jit
+    def _hyper_embedding_fwd(idx_ptr, wte_ptr, hyper_ptr, out_ptr, T, K, V, D, BLOCK_D: tl.constexpr):
+        pos = tl.program_id(0).to(tl.int64)  # flat (b, t); int64 so pos * D cannot overflow
+        cols = tl.program_id(1) * BLOCK_D + tl.arange(0, BLOCK_D)
+        mask = cols < D
+        src = _hyper_row(tl.load(idx_ptr + pos), pos // T, wte_ptr, hyper_ptr, K, V, D)
+        tl.store(out_ptr + pos * D + cols, tl.load(src + cols, mask=mask), mask=mask)
+
+    @triton.jit
+    def _hyper_embedding_bwd(idx_ptr, dwte_ptr, dhyper_ptr, dout_ptr, T, K, V, D, BLOCK_D: tl.constexpr):
+        pos = tl.program_id(0).to(tl.int64)
+        cols = tl.program_id(1) * BLOCK_D + tl.arange(0, BLOCK_D)
+        mask = cols < D
+        dst = _hyper_row(tl.load(idx_ptr + pos), pos // T, dwte_ptr, dhyper_ptr, K, V, D)
+        g = tl.load(dout_ptr + pos * D + cols, mask=mask).to(tl.float32)
+        tl.atomic_add(dst + cols, g, mask=mask)  # into fp32 buffers: repeated ids sum in fp32
+
+    @triton.jit
+    def _gather_slots_fwd(contents_ptr, lengths_ptr, wte_ptr, pos_ptr, out_ptr, M, D, BLOCK_D: tl.constexpr):
+        i = tl.program_id(0).to(tl.int64)  # flat (n, s)
+        n, s = i // M, i % M
+        cols = tl.program_id(1) * BLOCK_D + tl.arange(0, BLOCK_D)
+        # a pad has no live columns: it reads nothing and stores 0. (One comparison, because triton
+        # 3.9's interpreter mis-types `block & scalar` masks.)
+        live = cols < tl.where(s < tl.load(lengths_ptr + n), D, 0)
+        tok = tl.load(contents_ptr + i)
+        # add in fp32 and round once, as torch does for bf16 (and the interpreter can't add bf16)
+        x = tl.load(wte_ptr + tok * D + cols, mask=live, other=0.0).to(tl.float32)
+        x += tl.load(pos_ptr + s * D + cols, mask=live, other=0.0).to(tl.float32)
+        tl.store(out_ptr + i * D + cols, x.to(out_ptr.dtype.element_ty), mask=cols < D)
+
+    @triton.jit
+    def _gather_slots_bwd(contents_ptr, lengths_ptr, dout_ptr, dwte_ptr, dpos_ptr, M, D,
+                          BLOCK_D: tl.constexpr):
+        i = tl.program_id(0).to(tl.int64)
+        n, s = i // M, i % M
+        cols = tl.program_id(1) * BLOCK_D + tl.arange(0, BLOCK_D)
+        live = cols < tl.where(s < tl.load(lengths_ptr + n), D, 0)  # pads pass no gradient on
+        g = tl.load(dout_ptr + i * D + cols, mask=live).to(tl.float32)
+        tl.atomic_add(dwte_ptr + tl.load(contents_ptr + i) * D + cols, g, mask=live)
+        tl.atomic_add(dpos_ptr + s * D + cols, g, mask=live)
+
+
+# -----------------------------------------------------------------------------
+# 1. hyper_embedding: the input embedding of compressed ids
+
+def hyper_embedding_reference(idx, wte, hyper, vocab_size):
+    """out[b, t] = wte[idx[b, t]] if idx[b, t] < vocab_size else hyper[b, idx[b, t] - vocab_size].
+
+    idx (B, T) int64, wte (V, d), hyper (B, K, d) of the same dtype -> (B, T, d).
+    Ids must be < vocab_size + K. Boolean masks pick which positions read which table, so each
+    position is looked up once. (Concatenating the tables into one F.embedding would copy all
+    of wte every step; the masks cost a host sync on CUDA, which the Triton path avoids.)
+    Example, V=3: idx [[0, 3, 2]] -> [[wte[0], hyper[0, 0], wte[2]]].
+    """
+    B, T = idx.shape
+    base = idx < vocab_size                                          # (B, T)
+    row = torch.arange(B, device=idx.device)[:, None].expand(B, T)  # (B, T) row of each position
+    out = wte.new_empty(B, T, wte.size(1))                           # (B, T, d)
+    out[base] = wte[idx[base]]
+    out[~base] = hyper[row[~base], idx[~base] - vocab_size]
+    return out
+
+
+class HyperEmbedding(torch.autograd.Function):
+
+    @staticmethod
+    def forward(ctx, idx, wte, hyper, vocab_size):
+        idx, wte, hyper = idx.contiguous(), wte.contiguous(), hyper.contiguous()
+        (B, T), (K, d) = idx.shape, hyper.shape[1:]
+        out = wte.new_empty(B, T, d)
+        grid, block_d = _grid(B * T, d)
+        if B * T:  # triton refuses an empty grid
+            # with K == 0 hyper has no storage; pass wte, which is never read through it
+            _hyper_embedding_fwd[grid](idx, wte, hyper if K else wte, out,
+                                       T, K, vocab_size, d, BLOCK_D=block_d)
+        ctx.save_for_backward(idx)
+        ctx.vocab_size, ctx.dtype = vocab_size, wte.dtype
+        ctx.wte_shape, ctx.hyper_shape = wte.shape, hyper.shape
+        return out
+
+    @staticmethod
+    def backward(ctx, dout):
+        idx, = ctx.saved_tensors
+        (B, T), (_, K, d) = idx.shape, ctx.hyper_shape
+        dwte = torch.zeros(ctx.wte_shape, dtype=torch.float32, device=idx.device)
+        dhyper = torch.zeros(ctx.hyper_shape, dtype=torch.float32, device=idx.device)
+        grid, block_d = _grid(B * T, d)
+        if B * T:
+            _hyper_embedding_bwd[grid](idx, dwte, dhyper if K else dwte, dout.contiguous(),
+                                       T, K, ctx.vocab_size, d, BLOCK_D=block_d)
+        return None, dwte.to(ctx.dtype), dhyper.to(ctx.dtype), None
+
+
+def hyper_embedding(idx, wte, hyper, vocab_size):
+    """Embed compressed ids (see hyper_embedding_reference); returns (B, T, d) in wte's dtype."""
+    hyper = hyper.to(wte.dtype)  # the hyper-encoder may run in another precision (autocast)
+    if _use_triton(idx, wte, hyper):
+        return HyperEmbedding.apply(idx, wte, hyper, vocab_size)
+    return hyper_embedding_reference(idx, wte, hyper, vocab_size)
+
+
+# -----------------------------------------------------------------------------
+# 2. gather_slots: the padded input of the hyper-encoder
+
+def gather_slots_reference(contents, lengths, wte, slot_pos):
+    """out[n, s] = wte[contents[n, s]] + slot_pos[s] for s < lengths[n], else exactly 0.
+
+    contents (N, M) int64 base ids (pads hold any valid id), lengths (N,) int64 in 1..M,
+    wte (V, d), slot_pos (M, d) of the same dtype -> (N, M, d).
+    Example: contents [[5, 7, 0]], lengths [2] -> [[wte[5] + p[0], wte[7] + p[1], 0]].
+    """
+    N, M = contents.shape
+    live = torch.arange(M, device=contents.device) < lengths[:, None]  # (N, M)
+    x = F.embedding(contents, wte) + slot_pos                          # (N, M, d)
+    return torch.where(live[..., None], x, 0.0)  # pads are exactly 0 and pass no gradient on
+
+
+class GatherSlots(torch.autograd.Function):
+
+    @staticmethod
+    def forward(ctx, contents, lengths, wte, slot_pos):
+        contents, lengths = contents.contiguous(), lengths.contiguous()
+        wte, slot_pos = wte.contiguous(), slot_pos.contiguous()
+        (N, M), d = contents.shape, wte.size(1)
+        out = wte.new_empty(N, M, d)
+        grid, block_d = _grid(N * M, d)
+        if N * M:
+            _gather_slots_fwd[grid](contents, lengths, wte, slot_pos, out, M, d, BLOCK_D=block_d)
+        ctx.save_for_backward(contents, lengths)
+        ctx.wte_shape, ctx.dtype = wte.shape, wte.dtype
+        return out
+
+    @staticmethod
+    def backward(ctx, dout):
+        contents, lengths = ctx.saved_tensors
+        (N, M), d = contents.shape, ctx.wte_shape[1]
+        dwte = torch.zeros(ctx.wte_shape, dtype=torch.float32, device=contents.device)
+        dpos = torch.zeros(M, d, dtype=torch.float32, device=contents.device)
+        grid, block_d = _grid(N * M, d)
+        if N * M:
+            _gather_slots_bwd[grid](contents, lengths, dout.contiguous(), dwte, dpos, M, d, BLOCK_D=block_d)
+        return None, None, dwte.to(ctx.dtype), dpos.to(ctx.dtype)
+
+
+def gather_slots(contents, lengths, wte, slot_pos):
+    """Gather the hyper-encoder's input (see gather_slots_reference); (N, M, d) in wte's dtype."""
+    slot_pos = slot_pos.to(wte.dtype)
+    if _use_triton(contents, wte, slot_pos):
+        return GatherSlots.apply(contents, lengths, wte, slot_pos)
+    return gather_slots_reference(contents, lengths, wte, slot_pos)

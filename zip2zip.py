@@ -28,7 +28,7 @@ import math
 import os
 import sys
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass, replace
 
 import numpy as np
 
@@ -446,19 +446,22 @@ class Block(nn.Module):
 class HyperEncoder(nn.Module):
     """Embeds a hypertoken from the embeddings of its base tokens.
 
-    A small bidirectional transformer over the M slots (pads masked), masked mean pooling, and a
-    zero-initialised output projection added to the mean of the base embeddings: at
-    initialisation a hypertoken is exactly the mean of its base embeddings, a sensible point to
-    start from. A random encoder's output can be tens of times the norm of a token embedding.
+    A small bidirectional transformer over the M slots (pads masked), at a narrower width than
+    the model (it runs once per new entry at every decoding step, so its weights must be cheap
+    to read), masked mean pooling, and a zero-initialised output projection added to the mean
+    of the base embeddings: at initialisation a hypertoken is exactly the mean of its base
+    embeddings, a sensible point to start from. A random encoder's output can be tens of times
+    the norm of a token embedding.
     """
 
     def __init__(self, config):
         super().__init__()
+        inner = replace(config, n_embd=config.hyper_n_embd, n_head=config.hyper_n_head)
         self.slot_pos = nn.Parameter(torch.randn(config.max_subtokens, config.n_embd) * 0.02)
-        self.blocks = nn.ModuleList([Block(config, causal=False) for _ in range(config.hyper_n_layer)])
-        self.ln_f = LayerNorm(config.n_embd, bias=config.bias)
-        self.proj = nn.Linear(config.n_embd, config.n_embd, bias=config.bias)
-        nn.init.zeros_(self.proj.weight)
+        self.c_in = nn.Linear(config.n_embd, inner.n_embd, bias=config.bias)
+        self.blocks = nn.ModuleList([Block(inner, causal=False) for _ in range(config.hyper_n_layer)])
+        self.ln_f = LayerNorm(inner.n_embd, bias=config.bias)
+        self.proj = nn.Linear(inner.n_embd, config.n_embd, bias=config.bias)
 
     def forward(self, contents, lengths, table):
         # contents (U, M) base ids, lengths (U,), table (V, d) the base embeddings -> (U, d)
@@ -468,12 +471,11 @@ class HyperEncoder(nn.Module):
         denom = lengths[:, None].to(x.dtype)
         # the mean of the base embeddings alone (the slot positions are taken back out)
         mean = (x.sum(1) - self.slot_pos.to(x.dtype).cumsum(0)[lengths - 1]) / denom  # (U, d)
-        mask = valid[:, None, None, :]                                      # (U, 1, 1, M): keys
-        h = x
+        h = self.c_in(x)                                                    # (U, M, dh)
         for block in self.blocks:
-            h = block(h, mask)
-        h = (self.ln_f(h) * valid[..., None]).sum(1) / denom                # (U, d)
-        return mean + self.proj(h)
+            h = block(h, valid[:, None, None, :])                           # keys: (U, 1, 1, M)
+        h = (self.ln_f(h) * valid[..., None]).sum(1) / denom                # (U, dh)
+        return mean + self.proj(h)                                          # (U, d)
 
 
 def masked_hyper_logits(x, table, n_installed, pending, has_pending):
@@ -519,9 +521,15 @@ class GPTConfig:
     max_codebook_size: int = 1024   # C: at most this many hypertokens per sequence
     disabled_ids: tuple = (50256,)  # never merged: <|endoftext|> (the tokenizer may add digits)
     hyper_n_layer: int = 1          # hyper-encoder depth: 1-2 layers beat mean pooling in the paper
+    hyper_n_embd: int = 0           # its width; 0: n_embd // 4, which keeps the extra work of a
+    hyper_n_head: int = 4           #   decoding step (about one new entry) at a few percent
     tie_weights: bool = True        # one table (and one hyper-encoder) for input and output, as GPT-2
     recon_lambda: float = 0.1       # weight of the reconstruction loss (paper: 0.1); 0 turns it off
     recon_max_entries: int = 256    # hypertokens per batch it is computed on: it needs (N*M, V) logits
+
+    def __post_init__(self):
+        if self.hyper_n_embd == 0:
+            self.hyper_n_embd = max(self.n_embd // 4 // self.hyper_n_head, 1) * self.hyper_n_head
 
     @property
     def hyper(self):

@@ -12,7 +12,7 @@ V, C, M, EOT = 24, 12, 4, 23
 
 def tiny(**kw):
     args = dict(block_size=48, vocab_size=V, n_layer=2, n_head=2, n_embd=32, max_subtokens=M,
-                max_codebook_size=C, disabled_ids=(EOT,), dropout=0.0)
+                max_codebook_size=C, disabled_ids=(EOT,), dropout=0.0, hyper_n_embd=16, hyper_n_head=2)
     args.update(kw)
     torch.manual_seed(0)
     model = z.GPT(z.GPTConfig(**args))
@@ -209,7 +209,8 @@ def test_tiny_model_overfits_and_speaks_in_hypertokens():
     text = [5, 6, 7, 8, 9, 10] * 30
     codes = z.lzw_encode([EOT] + text, V, C, M, (EOT,))[:40]
     model = z.GPT(z.GPTConfig(block_size=40, vocab_size=V, n_layer=2, n_head=2, n_embd=48,
-                              max_subtokens=M, max_codebook_size=C, disabled_ids=(EOT,)))
+                              max_subtokens=M, max_codebook_size=C, disabled_ids=(EOT,),
+                              hyper_n_embd=24, hyper_n_head=2))
     opt = torch.optim.AdamW(model.parameters(), lr=3e-3)
     idx, tgt = torch.tensor([codes[:-1]]), torch.tensor([codes[1:]])
     hb = model.hyper_batch(idx.tolist())

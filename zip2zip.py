@@ -141,6 +141,20 @@ class LZW:
         raise ValueError(f"invalid code {code}{where}: expected a base id < {self.V}, an installed "
                          f"hypertoken < {self.V + n}, or the pending id {self.V + n} when one exists")
 
+    def trace(self, codes):
+        """Decode codes; after each, record the number of installed entries and the code of the
+        match whose pending extension (see pending()) is possible, or -1. The fast path of
+        push() + pending() for whole sequences (the model needs both at every position)."""
+        V, C, edges, entries, sink = self.V, self.C, self.edges, self.entries, []
+        n_after, pending_after = [], []
+        for t, code in enumerate(codes):
+            self.feed(self.resolve(code, t) if code >= V else (code,), sink)
+            n, cur = len(entries), self.code
+            n_after.append(n)
+            first = cur if cur < V else entries[cur - V][0]
+            pending_after.append(cur if cur >= 0 and n < C and cur * V + first not in edges else -1)
+        return n_after, pending_after
+
     def push(self, code, position=None):
         """Decoder step: read one code. Returns (its base ids, the ids of the entries it installed)."""
         ids = self.resolve(code, position)
@@ -352,23 +366,24 @@ def hyper_batch(rows, vocab_size, max_codebook_size, max_subtokens, disabled_ids
 
     entries, n_installed, pending = [], [], []
     for row in rows:
-        lzw, n_row, p_row = LZW(vocab_size, max_codebook_size, max_subtokens, disabled_ids), [], []
-        for t, code in enumerate(row):
-            lzw.push(code, t)
-            n_row.append(len(lzw.entries))
-            p = lzw.pending()
-            p_row.append(-1 if p is None else content_id(p))
+        lzw = LZW(vocab_size, max_codebook_size, max_subtokens, disabled_ids)
+        n_row, match = lzw.trace(row)
+        ids = {-1: -1}                     # match code -> index of its pending content
+        for m in set(match) - {-1}:
+            buf = lzw.content(m)
+            ids[m] = content_id(buf + (buf[0],))
         entries.append([content_id(e) for e in lzw.entries])
         n_installed.append(n_row)
-        pending.append(p_row)
+        pending.append([ids[m] for m in match])
     K = max((len(e) for e in entries), default=0)
     M = max_subtokens
+    tensor = lambda a, *shape: torch.from_numpy(np.array(a, dtype=np.int64).reshape(shape))
     return HyperBatch(
-        contents=torch.tensor([c + (0,) * (M - len(c)) for c in contents], dtype=torch.long).view(-1, M),
-        lengths=torch.tensor([len(c) for c in contents], dtype=torch.long),
-        entries=torch.tensor([e + [0] * (K - len(e)) for e in entries], dtype=torch.long).view(len(rows), K),
-        n_installed=torch.tensor(n_installed, dtype=torch.long).view(len(rows), -1),
-        pending=torch.tensor(pending, dtype=torch.long).view(len(rows), -1))
+        contents=tensor([c + (0,) * (M - len(c)) for c in contents], -1, M),
+        lengths=tensor([len(c) for c in contents], -1),
+        entries=tensor([e + [0] * (K - len(e)) for e in entries], len(rows), K),
+        n_installed=tensor(n_installed, len(rows), -1),
+        pending=tensor(pending, len(rows), -1))
 
 
 # -----------------------------------------------------------------------------

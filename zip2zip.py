@@ -76,29 +76,31 @@ class LZW:
         """Advance the encoder over base ids, appending every code it emits to the list `out`."""
         V, C, M, D = self.V, self.C, self.M, self.disabled
         edges, entries, emit = self.edges, self.entries, out.append
+        follow = edges.get                      # bound once: this loop is the codec's hot path
         code, length, n = self.code, self.length, len(self.entries)
         for t in ids:
+            if code >= 0:
+                nxt = follow(code * V + t)
+                if nxt is not None:             # the match extends (never by a disabled id:
+                    code, length = nxt, length + 1   # no entry holds one)
+                    if length == M:             # longest allowed: emit now, make no entry
+                        emit(code)
+                        code, length = -1, 0
+                    continue
             if t in D:                          # a wall: flush the match, emit t, merge nothing
                 if code >= 0:
                     emit(code)
                 emit(t)
                 code, length = -1, 0
                 continue
-            if code < 0:                        # a single base id always matches
-                code, length = t, 1
-            else:
-                key = code * V + t
-                nxt = edges.get(key)
-                if nxt is not None:             # the match extends
-                    code, length = nxt, length + 1
-                else:                           # it does not: new entry (if room), emit match
-                    if n < C:
-                        edges[key] = V + n
-                        entries.append(((code,) if code < V else entries[code - V]) + (t,))
-                        n += 1
-                    emit(code)
-                    code, length = t, 1
-            if length == M:                     # longest allowed: emit now, make no entry
+            if code >= 0:                       # the match ends: new entry (if room), emit it
+                if n < C:
+                    edges[code * V + t] = V + n
+                    entries.append(((code,) if code < V else entries[code - V]) + (t,))
+                    n += 1
+                emit(code)
+            code, length = t, 1                 # a single base id always matches
+            if M == 1:
                 emit(code)
                 code, length = -1, 0
         self.code, self.length = code, length
@@ -171,7 +173,7 @@ def _check_base_ids(ids, vocab_size, offset=0):
 
 
 def _as_list(ids):
-    return ids.tolist() if hasattr(ids, "tolist") else list(ids)
+    return ids if isinstance(ids, list) else ids.tolist() if hasattr(ids, "tolist") else list(ids)
 
 
 def lzw_encode(ids, vocab_size, max_codebook_size, max_subtokens, disabled_ids=()):
@@ -187,9 +189,17 @@ def lzw_encode(ids, vocab_size, max_codebook_size, max_subtokens, disabled_ids=(
 def lzw_decode(codes, vocab_size, max_codebook_size, max_subtokens, disabled_ids=()):
     """Expand codes to base ids. Any valid stream decodes, canonical or not:
     [1, 2, 100, 1] -> [1,2,1,2,1], and so does [1, 2, 1, 2, 1]."""
-    lzw, ids = LZW(vocab_size, max_codebook_size, max_subtokens, disabled_ids), []
+    lzw, ids, fed = LZW(vocab_size, max_codebook_size, max_subtokens, disabled_ids), [], 0
     for i, code in enumerate(_as_list(codes)):
-        ids.extend(lzw.push(code, i)[0])
+        if 0 <= code < vocab_size:
+            ids.append(code)
+            continue
+        # Entries are only ever added, so the state needs to catch up on the ids decoded so far
+        # only for a hypertoken it does not know yet (a newer entry, the pending id, or invalid).
+        if code - vocab_size >= lzw.n_entries:
+            lzw.feed(ids[fed:], [])
+            fed = len(ids)
+        ids.extend(lzw.resolve(code, i))
     return ids
 
 
@@ -239,6 +249,19 @@ class Tokenizer:
         if no_digit_merges:
             disabled |= {i for i, b in enumerate(self.token_bytes) if any(48 <= c <= 57 for c in b)}
         self.disabled_ids = frozenset(disabled)
+
+    @classmethod
+    def for_model(cls, config):
+        """The tokenizer a model (a GPTConfig) was trained with: its C, M and disabled ids, which
+        are <|endoftext|> alone, or with every digit token (no_digit_merges)."""
+        if config.vocab_size != 50257:
+            raise ValueError(f"the model's base vocabulary has {config.vocab_size} ids, GPT-2 BPE has 50257")
+        for no_digit_merges in (False, True):
+            tok = cls(config.max_subtokens, config.max_codebook_size, no_digit_merges)
+            if tok.disabled_ids == frozenset(config.disabled_ids):
+                return tok
+        raise ValueError(f"the model's disabled ids ({len(config.disabled_ids)} of them) are neither "
+                         f"<|endoftext|> alone nor <|endoftext|> and every token with a digit")
 
     def codec(self):
         """A fresh LZW state with this tokenizer's settings (for incremental decoding)."""
@@ -669,6 +692,7 @@ class GPT(nn.Module):
     # -------------------------------------------------------------------------
     # Scoring and generation, through the KV-cached incremental decoder below
 
+    @torch.no_grad()
     def nll(self, codes):
         """Total negative log-likelihood (nats) of codes[1:] given codes[0], one sequence.
 
@@ -792,6 +816,7 @@ class IncrementalDecoder:
     codebooks live on.
     """
 
+    @torch.no_grad()
     def __init__(self, model, prompts):
         self.model, c = model, model.config
         self.rows = [list(p) for p in prompts]
@@ -866,6 +891,7 @@ class IncrementalDecoder:
         x = self._embed(idx, (valid.cumsum(1) - 1).clamp(min=0))
         self._run(x, mask[:, None])
 
+    @torch.no_grad()
     def logits(self):
         """Next-code logits (B, V [+ K + 1]), -inf outside each row's valid set."""
         m, c = self.model, self.model.config
@@ -880,6 +906,7 @@ class IncrementalDecoder:
         self.hyper_seconds += time.perf_counter() - t0
         return torch.cat([logits, hyper], dim=-1)                         # (B, V + K + 1)
 
+    @torch.no_grad()
     def advance(self, codes):
         """Read one code per row; ValueError if a code is not valid for its row."""
         c, device = self.model.config, self.model.device

@@ -1,0 +1,127 @@
+"""bench.py: its naive LZW is the spec, its timing helpers pair rounds, and the quick run fills
+every figure of its JSON."""
+import json
+import math
+import random
+
+import pytest
+import torch
+
+import bench
+from zip2zip import lzw_decode, lzw_encode
+
+
+@pytest.fixture(autouse=True)
+def one_thread():
+    # tiny models gain nothing from threads, and a busy machine makes every small op wait for them
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)
+
+
+WORKED = [  # DESIGN.md section 1 (V=100, M=4)
+    ([1, 2, 3, 1, 2, 3, 1, 2, 3, 4, 1, 2, 3, 4, 5, 1, 2], 64, (), [1, 2, 3, 100, 102, 101, 4, 103, 4, 5, 100]),
+    ([7, 7, 7, 7, 7, 7, 7, 7], 64, (), [7, 100, 101, 100]),
+    ([1, 2, 9, 1, 2, 1, 2, 9, 1, 2], 64, (9,), [1, 2, 9, 100, 100, 9, 100]),
+    ([1, 2, 3, 1, 2, 3, 1, 2, 3], 2, (), [1, 2, 3, 100, 3, 100, 3]),
+]
+
+
+@pytest.mark.parametrize("ids,C,D,codes", WORKED)
+def test_naive_lzw_worked_examples(ids, C, D, codes):
+    assert bench.naive_encode(ids, 100, C, 4, D) == codes
+    assert bench.naive_decode(codes, 100, C, 4, D) == ids
+
+
+def test_naive_lzw_equals_ours():
+    rng = random.Random(0)
+    for trial in range(200):
+        V, C, M = rng.choice([3, 10, 100]), rng.choice([0, 1, 5, 64]), rng.randint(1, 5)
+        D = (0,) if trial % 3 == 0 else ()
+        ids = [rng.randrange(V) for _ in range(rng.randint(0, 80))]
+        codes = lzw_encode(ids, V, C, M, D)
+        assert bench.naive_encode(ids, V, C, M, D) == codes
+        assert bench.naive_decode(codes, V, C, M, D) == ids
+        assert bench.naive_decode(ids, V, C, M, D) == lzw_decode(ids, V, C, M, D) == ids  # not canonical
+    with pytest.raises(ValueError):
+        bench.naive_decode([1, 102], 100, 64, 4)            # 100 is the only possible new id
+
+
+def test_alternate_pairs_rounds():
+    calls = []
+
+    def side(name, work, seconds):
+        return lambda: (calls.append(name), (work, seconds))[1]
+
+    rates = bench.alternate({"a": side("a", 6, 2.0), "b": side("b", 1, 1.0)}, rounds=3)
+    assert calls == ["a", "b"] * 4                          # a warm-up round, then A B A B A B
+    assert rates == {"a": [3.0] * 3, "b": [1.0] * 3}
+    assert bench.ratio(rates, "a", "b") == 3.0
+
+
+def numbers(x):
+    if isinstance(x, dict):
+        return [n for v in x.values() for n in numbers(v)]
+    return [x] if isinstance(x, (int, float)) else []
+
+
+def test_quick_run_writes_every_figure(tmp_path, capsys):
+    path = tmp_path / "bench.json"
+    report = bench.main(["--quick=True", f"--json={path}", "--threads=1"])
+    out = capsys.readouterr().out
+    data = json.loads(path.read_text())
+    assert data == json.loads(json.dumps(report))
+    bench.check_filled(data)                                # no None, no NaN anywhere
+    assert all(math.isfinite(n) for n in numbers(data))
+    codec = data["codec"]
+    for what in ("encode", "decode", "batch_encode"):
+        assert codec[what]["ours_tokens_per_s"] > 0 and "ours_over_rust" in codec[what]
+    assert codec["encode"]["ours_over_naive"] > 0
+    for batch in ("batch_1", "batch_8"):
+        row = data["decode"][batch]
+        assert row["zip2zip_bytes_per_s"] > 0 and row["plain_bytes_per_s"] > 0 and row["ratio"] > 0
+        assert 0 < row["hyper_share"] < 1 and row["zip2zip_steps"] < row["plain_steps"]
+    train = data["train"]
+    assert isinstance(train, dict), train                   # train.py's build_batch is there
+    assert train["zip2zip_bytes_per_s"] > 0 and train["plain_bytes_per_s"] > 0
+    if not torch.cuda.is_available():
+        assert data["kernels"] == "skipped: no CUDA" and "skipped: no CUDA" in out
+    for heading in ("codec:", "decoding:", "training:", "kernels:"):
+        assert heading in out
+
+
+def test_bad_options():
+    for argv, message in ((["--parts=codec,nope"], "unknown parts"), (["--bogus=1"], "unknown key"),
+                          (["stray"], "unexpected argument")):
+        with pytest.raises(SystemExit) as e:
+            bench.main(argv)
+        assert str(e.value).startswith("error: ") and message in str(e.value)
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="the Triton kernels need CUDA")
+def test_kernels_on_cuda():
+    cfg = bench.BenchConfig(**{**bench.QUICK, "rounds": 1})
+    result = bench.bench_kernels(cfg, "cuda")
+    assert all(row["speedup"] > 0 for row in result.values())
+
+
+def test_reproduce_small(tmp_path, capsys):
+    # reproduce.py on a slice of the data, with a tiny plain and zip2zip checkpoint (untrained)
+    import dataclasses
+
+    import reproduce
+    from zip2zip import GPT, GPTConfig
+    for M in (1, 4):
+        cfg = GPTConfig(n_layer=1, n_head=2, n_embd=32, block_size=32, max_subtokens=M)
+        (tmp_path / f"m{M}").mkdir()
+        ckpt = {"model": GPT(cfg).state_dict(), "model_args": dataclasses.asdict(cfg)}
+        torch.save(ckpt, tmp_path / f"m{M}" / "ckpt.pt")
+    reproduce.main(["--max_tokens=20000", "--train_row=False", "--decode=False", "--eval_windows=4",
+                    "--codebook_sizes=64,1024", str(tmp_path / "m4"), str(tmp_path / "m1"), str(tmp_path / "none")])
+    out = capsys.readouterr().out
+    rows = [line for line in out.splitlines() if line.startswith("| code (pycode val) |")]
+    assert len(rows) == 5 and rows[0].endswith("| 1.000 | +0.0% |")      # M=1 is the base stream
+    assert f"skipped {tmp_path / 'none'}: no checkpoint" in out
+    assert out.count(f"| {tmp_path / 'm'}") == 2 and "- Bits per byte: zip2zip" in out
+    assert "- Code, M=4: sequence length" in out

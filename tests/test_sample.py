@@ -1,0 +1,139 @@
+"""sample.py end to end on a tiny untrained checkpoint: prompts of every kind, colour, errors."""
+import dataclasses
+import os
+import re
+import subprocess
+import sys
+
+import pytest
+import torch
+
+import sample
+from zip2zip import GPT, GPTConfig, Tokenizer, lzw_decode
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+CODE = "def f(x):\n    return x\n\ndef g(x):\n    return x\n"   # repeats: the prompt has hypertokens
+
+
+@pytest.fixture(autouse=True)
+def one_thread():
+    # A tiny model gains nothing from more threads, and on a busy machine every small op of a
+    # multi-threaded torch waits for a core: one thread keeps these tests fast everywhere.
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)
+
+
+def save(path, **kw):
+    torch.manual_seed(0)
+    cfg = GPTConfig(**{**dict(n_layer=1, n_head=2, n_embd=32, block_size=32), **kw})
+    torch.save({"model": GPT(cfg).state_dict(), "model_args": dataclasses.asdict(cfg)}, path)
+    return str(path)
+
+
+@pytest.fixture(scope="module")
+def ckpt(tmp_path_factory):
+    return save(tmp_path_factory.mktemp("out") / "ckpt.pt")
+
+
+def run(capsys, ckpt, *args):
+    sample.main([f"--out_dir={ckpt}", "--num_samples=2", "--max_new_tokens=6", *args])
+    return capsys.readouterr().out
+
+
+STATS = re.compile(r"--- sample (\d)/2: (\d+) codes for (\d+) base tokens \(length ratio [\d.]+\), "
+                   r"\d+% hypertokens, [\d,]+ bytes in [\d.]+ s = [\d,]+ bytes/s")
+
+
+@pytest.fixture(scope="module")
+def tok():
+    return Tokenizer(4, 1024)
+
+
+@pytest.mark.parametrize("color", [True, False, None])
+def test_colour_and_stats(capsys, ckpt, tok, color):
+    args = [f"--start={CODE}"] + ([] if color is None else [f"--color={color}"])
+    out = run(capsys, ckpt, *args)
+    # each sample shows its prompt with its hypertokens marked: ANSI colours when asked for,
+    # [brackets] otherwise (captured output is not a terminal, so that is also the default)
+    shown = tok.show(tok.encode(CODE), color=color is True)
+    assert "[" in tok.show(tok.encode(CODE), color=False)   # there are hypertokens to mark
+    assert out.count(shown) == 2
+    assert ("\x1b[" in out) == (color is True)
+    stats = STATS.findall(out)
+    assert [s[0] for s in stats] == ["1", "2"] and all(s[1] == "6" for s in stats)
+    assert all(int(s[2]) >= 6 for s in stats)             # each code stands for >= 1 base token
+
+
+def test_same_seed_same_samples(capsys, ckpt):
+    strip = lambda s: re.sub(r"in [\d.]+ s = [\d,]+ bytes/s", "", s)
+    a = strip(run(capsys, ckpt, "--start=x = 1", "--seed=7"))
+    b = strip(run(capsys, ckpt, "--start=x = 1", "--seed=7"))
+    assert a == b
+
+
+def test_empty_prompt_starts_from_endoftext(capsys, ckpt):
+    out = run(capsys, ckpt, "--start=", "--color=False")
+    assert "prompt: 0 base tokens in 0 codes" in out and len(STATS.findall(out)) == 2
+
+
+def test_file_prompt_longer_than_the_context(capsys, ckpt, tok, tmp_path):
+    text = CODE * 20 + "".join(f"v{i} = {i * i}\n" for i in range(40))
+    path = tmp_path / "prompt.py"
+    path.write_text(text)
+    out = run(capsys, ckpt, f"--start=FILE:{path}", "--color=False")
+    n_codes = int(re.search(r"prompt: \d+ base tokens in (\d+) codes", out).group(1))
+    assert n_codes > 32                                    # longer than block_size
+    assert out.count(tok.show(tok.encode(text), color=False)) == 2 and len(STATS.findall(out)) == 2
+
+
+def test_stats_count_the_generated_text(capsys, ckpt, tok):
+    # greedy: the sample is reproducible, so its base tokens can be recounted here
+    out = run(capsys, ckpt, f"--start={CODE}", "--temperature=0", "--num_samples=1")
+    n_codes, n_base = map(int, re.search(r"(\d+) codes for (\d+) base tokens", out).groups())
+    model, _ = sample.load_checkpoint(ckpt)
+    prompt = tok.encode("<|endoftext|>" + CODE)
+    row = model.generate([prompt], 6, temperature=0)[0]
+    assert n_codes == 6 and n_base == len(lzw_decode(row, tok.vocab_size, 1024, 4, tok.disabled_ids)) \
+        - len(lzw_decode(prompt, tok.vocab_size, 1024, 4, tok.disabled_ids))
+
+
+def test_digit_disabled_checkpoint(capsys, tmp_path):
+    digits = sorted(Tokenizer(4, 1024, no_digit_merges=True).disabled_ids)
+    path = save(tmp_path / "ckpt.pt", disabled_ids=tuple(digits))
+    out = run(capsys, path, "--start=x = 12345 + 12345 + 12345", "--color=False")
+    assert len(STATS.findall(out)) == 2
+
+
+@pytest.mark.parametrize("args,message", [
+    (["--out_dir=/nonexistent/out"], "no checkpoint at"),
+    (["--start=FILE:/nonexistent/prompt.txt"], "cannot read the prompt file"),
+    (["--bogus=1"], "unknown key 'bogus'"),
+    (["--color=maybe"], "--color is True or False"),
+    (["positional"], "unexpected argument"),
+] + ([(["--device=cuda"], "CUDA is not available")] if not torch.cuda.is_available() else []))
+def test_clear_errors(ckpt, args, message):
+    with pytest.raises(SystemExit) as e:
+        sample.main([f"--out_dir={ckpt}", *args])
+    assert str(e.value).startswith("error: ") and message in str(e.value)
+
+
+def test_incompatible_checkpoints(tmp_path):
+    torch.save({"weights": 1}, tmp_path / "junk.pt")
+    (tmp_path / "text.pt").write_text("not a checkpoint")
+    small_vocab = save(tmp_path / "small.pt", vocab_size=100, disabled_ids=(99,))
+    odd_walls = save(tmp_path / "walls.pt", disabled_ids=(50256, 13))
+    for path, message in [(tmp_path / "junk.pt", "not a zip2zip checkpoint"),
+                          (tmp_path / "text.pt", "not a readable checkpoint"),
+                          (small_vocab, "GPT-2 BPE has 50257"), (odd_walls, "disabled ids")]:
+        with pytest.raises(SystemExit) as e:
+            sample.main([f"--out_dir={path}"])
+        assert str(e.value).startswith("error: ") and message in str(e.value)
+
+
+def test_command_line_error_is_not_a_traceback(tmp_path):
+    r = subprocess.run([sys.executable, os.path.join(REPO, "sample.py"), f"--out_dir={tmp_path}"],
+                       capture_output=True, text=True, cwd=tmp_path, env={**os.environ, "OMP_NUM_THREADS": "1"})
+    assert r.returncode == 1 and "Traceback" not in r.stderr
+    assert r.stderr.startswith("error: no checkpoint at")

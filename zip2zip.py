@@ -673,7 +673,7 @@ class GPT(nn.Module):
         lm_loss = F.cross_entropy(logits.view(-1, logits.size(-1)), targets.reshape(-1),
                                   ignore_index=-1)
         loss, self.last_losses = lm_loss, {"lm": lm_loss.detach()}
-        if c.hyper and c.recon_lambda > 0 and hyper.contents.size(0) > 0:
+        if c.hyper and c.recon_lambda > 0 and c.recon_max_entries > 0 and hyper.contents.size(0) > 0:
             recon = self.reconstruction_loss(h_in, hyper.contents, hyper.lengths)
             loss = loss + c.recon_lambda * recon
             self.last_losses["recon"] = recon.detach()

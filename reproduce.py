@@ -73,7 +73,7 @@ def token_efficiency(cfg, sets):
         ratios["train", 4] = r
         print(f"| code (pycode train) | 4 | {before:.2f} | {after:.2f} | {r:.3f} | {r - 1:+.1%} |")
     sizes, windows = [int(c) for c in cfg.codebook_sizes.split(",")], [int(w) for w in cfg.windows.split(",")]
-    print(f"\n### Length ratio at M=4: codebook size C against window length (base tokens)\n")
+    print("\n### Length ratio at M=4: codebook size C against window length (base tokens)\n")
     print("| C | " + " | ".join(f"{n.split()[0]}, window {w}" for n in sets for w in windows) + " |")
     print("|---:|" + "---:|" * (len(sets) * len(windows)))
     for C in sizes:

@@ -11,15 +11,6 @@ import bench
 from zip2zip import lzw_decode, lzw_encode
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    # tiny models gain nothing from threads, and a busy machine makes every small op wait for them
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
-
-
 WORKED = [  # DESIGN.md section 1 (V=100, M=4)
     ([1, 2, 3, 1, 2, 3, 1, 2, 3, 4, 1, 2, 3, 4, 5, 1, 2], 64, (), [1, 2, 3, 100, 102, 101, 4, 103, 4, 5, 100]),
     ([7, 7, 7, 7, 7, 7, 7, 7], 64, (), [7, 100, 101, 100]),

@@ -15,16 +15,6 @@ REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 CODE = "def f(x):\n    return x\n\ndef g(x):\n    return x\n"   # repeats: the prompt has hypertokens
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    # A tiny model gains nothing from more threads, and on a busy machine every small op of a
-    # multi-threaded torch waits for a core: one thread keeps these tests fast everywhere.
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
-
-
 def save(path, **kw):
     torch.manual_seed(0)
     cfg = GPTConfig(**{**dict(n_layer=1, n_head=2, n_embd=32, block_size=32), **kw})

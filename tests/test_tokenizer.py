@@ -5,7 +5,7 @@ import sysconfig
 import numpy as np
 import pytest
 
-from zip2zip import Tokenizer, compression_stats, efficiency_report, lzw_decode, lzw_encode
+from zip2zip import Tokenizer, compression_stats, efficiency_report
 
 
 @pytest.fixture(scope="module")

@@ -22,15 +22,6 @@ FILES = ["textwrap.py", "bisect.py", "heapq.py", "colorsys.py", "keyword.py", "f
          "json/encoder.py", "json/decoder.py", "json/__init__.py", "glob.py", "string.py"]
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    """Tiny models run fastest on one thread, and far faster than on two when the cores are shared."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
-
-
 @pytest.fixture(scope="module")
 def tok():
     return zip2zip.Tokenizer(max_subtokens=4, max_codebook_size=1024)

@@ -661,7 +661,8 @@ class GPT(nn.Module):
         logits = self.lm_head(x)                                              # (B, T, V)
         if c.hyper:
             pend = h_out[hyper.pending.clamp(min=0)]                          # (B, T, d)
-            hyper_logits = masked_hyper_logits(x, h_out[hyper.entries], hyper.n_installed,
+            table_out = table_in if c.tie_weights else h_out[hyper.entries]   # (B, K, d)
+            hyper_logits = masked_hyper_logits(x, table_out, hyper.n_installed,
                                                pend, hyper.pending >= 0)
             logits = torch.cat([logits, hyper_logits], dim=-1)                # (B, T, V + K + 1)
         if targets is None:
@@ -844,9 +845,11 @@ class IncrementalDecoder:
         pend = [lzw.pending() for lzw in self.lzw]
         contents = [e for _, _, e in new] + [p for p in pend if p is not None]
         h_in, h_out = self._encode(contents)
-        for i, (b, j, _) in enumerate(new):
-            self.table_in[b, j] = h_in[i]
-            self.table_out[b, j] = h_out[i]
+        if new:
+            rows, cols = (torch.tensor(v, device=self.model.device) for v in zip(*((b, j) for b, j, _ in new)))
+            self.table_in[rows, cols] = h_in[:len(new)]
+            if self.table_out is not self.table_in:                       # untied weights
+                self.table_out[rows, cols] = h_out[:len(new)]
         self.has_pending = torch.tensor([p is not None for p in pend], device=self.model.device)
         self.pending = self.table_out.new_zeros(len(pend), self.table_out.size(-1))
         self.pending[self.has_pending] = h_out[len(new):]

@@ -227,6 +227,34 @@ def lzw_encode_window(ids, start, n_codes, vocab_size, max_codebook_size, max_su
 # Tokenizer: text -> GPT-2 BPE base ids (tiktoken r50k_base) -> LZW codes, and back
 
 
+RANKS = os.path.join(os.path.dirname(os.path.abspath(__file__)), "data", "r50k_base.tiktoken")
+RANKS_SHA256 = "306cd27f03c1a714eca7108e03d66b7dc042abe8c258b44c199a7ed9838dd930"
+
+
+def gpt2_bpe(path=RANKS):
+    """GPT-2's BPE as a tiktoken Encoding (r50k_base), built from the ranks file shipped in this
+    repository (OpenAI's, MIT licensed), so that nothing is ever downloaded. Same ids as
+    tiktoken.get_encoding("r50k_base"). OSError with the path if the file is missing or damaged."""
+    import base64
+    import hashlib
+    import tiktoken  # imported here so that the codec above needs nothing but the stdlib
+    from tiktoken_ext import openai_public
+    try:
+        with open(path, "rb") as f:
+            data = f.read()
+    except OSError as e:
+        raise OSError(f"GPT-2's BPE ranks (r50k_base) are missing: {e}; they ship with the repository "
+                      f"as {os.path.relpath(RANKS)} (restore it with git checkout)") from None
+    if hashlib.sha256(data).hexdigest() != RANKS_SHA256:
+        raise OSError(f"{path} is damaged (its sha256 is not r50k_base's): restore it with git checkout")
+    ranks = {base64.b64decode(tok): int(rank) for tok, rank in (line.split() for line in data.splitlines() if line)}
+    # the split pattern as tiktoken writes it (older versions inline it in their gpt2 definition)
+    pattern = getattr(openai_public, "r50k_pat_str",
+                      r"""'(?:[sdmt]|ll|ve|re)| ?\p{L}+| ?\p{N}+| ?[^\s\p{L}\p{N}]+|\s+(?!\S)|\s+""")
+    return tiktoken.Encoding("r50k_base", pat_str=pattern, mergeable_ranks=ranks,
+                             special_tokens={"<|endoftext|>": 50256}, explicit_n_vocab=50257)
+
+
 class Tokenizer:
     """GPT-2 BPE, then LZW. `<|endoftext|>` is a disabled id: nothing merges across documents.
 
@@ -234,10 +262,8 @@ class Tokenizer:
     always spelled in plain BPE tokens (the paper's math results degrade most under merging).
     """
 
-    def __init__(self, max_subtokens=4, max_codebook_size=1024, no_digit_merges=False,
-                 encoding="r50k_base"):
-        import tiktoken  # imported here so that the codec above needs nothing but the stdlib
-        self.bpe = tiktoken.get_encoding(encoding)
+    def __init__(self, max_subtokens=4, max_codebook_size=1024, no_digit_merges=False):
+        self.bpe = gpt2_bpe()
         self.vocab_size = self.bpe.n_vocab
         self.eot = self.bpe.eot_token
         self.max_subtokens, self.max_codebook_size = max_subtokens, max_codebook_size

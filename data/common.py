@@ -20,9 +20,8 @@ import platform
 import time
 
 import numpy as np
-import tiktoken
 
-TOKENIZER = "r50k_base"  # the same ranks as "gpt2"; tiktoken reads it from TIKTOKEN_CACHE_DIR offline
+TOKENIZER = "r50k_base"  # the same ranks as "gpt2", shipped in data/r50k_base.tiktoken: no download
 DTYPE = np.uint16        # 50257 ids fit in 16 bits; half the disk and memory of int32
 
 # -----------------------------------------------------------------------------
@@ -61,7 +60,8 @@ def split_keys(keys, val_fraction=0.1):
 # tokens and bytes
 
 def get_encoding():
-    return tiktoken.get_encoding(TOKENIZER)
+    from zip2zip import gpt2_bpe   # the one loader of GPT-2's ranks (the repository root is on the path)
+    return gpt2_bpe()
 
 def token_byte_lengths(enc):
     """

@@ -105,3 +105,25 @@ def test_compression_stats_and_report(tok, tmp_path, capsys):
     assert "total" in capsys.readouterr().out
     with pytest.raises(SystemExit, match="not a file"):
         efficiency_report([str(tmp_path / "missing.txt")])
+
+
+def test_shipped_ranks_are_tiktokens_r50k_base(tmp_path):
+    # the repository's copy of GPT-2's ranks gives tiktoken's own r50k_base ids (where tiktoken
+    # can load it: CI points TIKTOKEN_CACHE_DIR at a cached copy; elsewhere it would download)
+    import tiktoken
+
+    from zip2zip import gpt2_bpe
+    ours = gpt2_bpe()
+    try:
+        ref = tiktoken.get_encoding("r50k_base")
+    except Exception as e:   # offline without a cache
+        pytest.skip(f"tiktoken cannot load r50k_base here: {e}")
+    text = "def f(x):\n    return x  # naïve 日本 🙂\n\n\t  <|endoftext|> 1234 don't"
+    assert ours.encode(text, allowed_special="all") == ref.encode(text, allowed_special="all")
+    assert ours.n_vocab == ref.n_vocab == 50257 and ours.eot_token == 50256
+    bad = tmp_path / "r50k_base.tiktoken"
+    bad.write_bytes(b"IQ== 0\n")
+    with pytest.raises(OSError, match="damaged"):
+        gpt2_bpe(str(bad))
+    with pytest.raises(OSError, match="missing"):
+        gpt2_bpe(str(tmp_path / "none"))

@@ -35,7 +35,8 @@ import numpy as np
 import torch
 
 import kernels
-from zip2zip import GPT, GPTConfig, IncrementalDecoder, Tokenizer, configure, lzw_decode, lzw_encode
+from cli import configure
+from zip2zip import GPT, GPTConfig, IncrementalDecoder, Tokenizer, lzw_decode, lzw_encode
 
 ROOT = os.path.dirname(os.path.abspath(__file__))
 

@@ -23,7 +23,9 @@ import numpy as np
 import torch
 
 import bench
-from zip2zip import Tokenizer, compression_stats, configure, load_checkpoint
+from cli import configure, load_checkpoint
+from efficiency import compression_stats
+from zip2zip import Tokenizer
 
 # What the paper reports (Geng et al. 2025), for the comparison
 PAPER = {"code": -0.35, "prose": -0.15, "code_bytes": (4.1, 6.3), "train_mix_m4": 0.689}

@@ -17,7 +17,8 @@ from dataclasses import dataclass
 
 import torch
 
-from zip2zip import Tokenizer, configure, load_checkpoint, lzw_decode, lzw_encode
+from cli import configure, load_checkpoint, show
+from zip2zip import Tokenizer, lzw_decode, lzw_encode
 
 
 @dataclass
@@ -84,7 +85,7 @@ def main(argv=None):
         new = row[len(prompt):]                            # the generated codes
         base = lzw_decode(row, *settings)[len(ids):]       # the base tokens they stand for
         n_bytes, n_hyper = tok.n_bytes(base), sum(code >= tok.vocab_size for code in new)
-        print(tok.show(row[1:], color))
+        print(show(tok, row[1:], color))
         print(f"--- sample {i + 1}/{cfg.num_samples}: {len(new)} codes for {len(base)} base tokens "
               f"(length ratio {len(new) / max(len(base), 1):.2f}), {n_hyper / max(len(new), 1):.0%} "
               f"hypertokens, {n_bytes:,} bytes in {seconds:.2f} s = {n_bytes / seconds:,.0f} bytes/s")

@@ -39,6 +39,7 @@ import torch
 import torch.nn as nn
 from torch.nn import functional as F
 
+import cli
 import zip2zip
 from zip2zip import GPT, GPTConfig, HyperBatch, hyper_batch, lzw_encode, lzw_encode_window
 
@@ -117,19 +118,19 @@ def read_config(argv, cuda):
     ValueError says what is wrong."""
     cfg = TrainConfig()
     if not cuda:
-        zip2zip.configure(cfg, [os.path.join(REPO, "config", "cpu.py")])
-    rest = zip2zip.configure(cfg, argv)
+        cli.configure(cfg, [os.path.join(REPO, "config", "cpu.py")])
+    rest = cli.configure(cfg, argv)
     if rest:
         raise ValueError(f"unexpected arguments {rest}: expected preset files config/x.py and --key=value")
     resumed = None
     if cfg.init_from == "resume":   # the run's own settings, then the command line on top
-        resumed = zip2zip.load_checkpoint(cfg.out_dir, "cpu")
+        resumed = cli.load_checkpoint(cfg.out_dir, "cpu")
         ckpt = resumed[1]
         unknown = set(ckpt.get("config", {"?": 0})) - set(TrainConfig.__dataclass_fields__)
         if unknown:
             raise ValueError(f"{cfg.out_dir}: not a train.py checkpoint, or another version's (settings {sorted(unknown)})")
         saved, cfg = TrainConfig(**ckpt["config"]), TrainConfig(**ckpt["config"])
-        zip2zip.configure(cfg, argv)
+        cli.configure(cfg, argv)
         fixed = MODEL_KEYS + ("lora_rank", "no_digit_merges", "dataset")
         changed = [f"{k}={getattr(cfg, k)!r} (the run has {getattr(saved, k)!r})"
                    for k in fixed if getattr(cfg, k) != getattr(saved, k)]
@@ -415,7 +416,7 @@ def make_model(cfg, mconf, resumed=None):
         arch = dict(zip(("n_layer", "n_head", "n_embd"), GPT2_SIZES[cfg.init_from]), bias=True, tie_weights=True)
         source_block = 1024
     else:
-        src, _ = zip2zip.load_checkpoint(cfg.init_from, "cpu")
+        src, _ = cli.load_checkpoint(cfg.init_from, "cpu")
         arch, state, source_block = {k: getattr(src.config, k) for k in ARCH_KEYS}, src.state_dict(), src.config.block_size
     if cfg.block_size > source_block:
         raise ValueError(f"--block_size={cfg.block_size} is longer than {cfg.init_from}'s {source_block}: "
@@ -697,7 +698,7 @@ def main(argv=None):
         with ctx:
             codes = raw_model.generate([[EOT]], cfg.sample_tokens, temperature=0.8, top_k=200)[0]
         print(f"sample ({cfg.sample_tokens} codes{', hypertokens marked' if mconf.hyper else ''}):")
-        print(tokenizer.show(codes[1:], color=sys.stdout.isatty()))
+        print(cli.show(tokenizer, codes[1:], color=sys.stdout.isatty()))
     if ddp:
         torch.distributed.destroy_process_group()
     return {"history": history, "val": metrics, "iter_num": iter_num, "train_seconds": train_seconds,

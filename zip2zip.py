@@ -20,13 +20,13 @@ With max_subtokens=1 nothing is ever merged and the model is exactly a plain GPT
 Reference: Geng et al., "zip2zip: Inference-Time Adaptive Tokenization via Online Compression",
 NeurIPS 2025, arXiv 2506.01084. The exact codec and output vocabulary are in DESIGN.md.
 
-Layout: the LZW codec, the tokenizer and its reports, then the model.
+Layout: the LZW codec, the tokenizer, then the model and its decoder. (Settings, checkpoints and
+reports for the scripts are in cli.py and efficiency.py.)
 """
 
 import codecs
 import math
 import os
-import sys
 import time
 from dataclasses import dataclass, replace
 
@@ -322,61 +322,6 @@ class Tokenizer:
             out[-1] = (out[-1][0], out[-1][1] + utf8.decode(b"", final=True))
         return out
 
-    def show(self, codes, color=True):
-        """The text with its hypertokens marked: alternating ANSI colours, or [brackets]."""
-        parts, k = [], 0
-        for code, text in self.segments(codes):
-            if code < self.vocab_size:
-                parts.append(text)
-            elif color:
-                parts.append(f"\x1b[{(41, 44)[k % 2]};97m{text}\x1b[0m")
-                k += 1
-            else:
-                parts.append(f"[{text}]")
-        return "".join(parts)
-
-
-def compression_stats(tokenizer, ids, window=1024):
-    """Bytes, base tokens and codes for base ids cut into windows of `window` base tokens,
-    each compressed with a fresh codebook (window=0: one codebook for everything)."""
-    ids = _as_list(ids)
-    step = window or max(len(ids), 1)
-    n_codes = sum(len(lzw_encode(ids[i:i + step], tokenizer.vocab_size, tokenizer.max_codebook_size,
-                                 tokenizer.max_subtokens, tokenizer.disabled_ids))
-                  for i in range(0, len(ids), step))
-    return {"bytes": tokenizer.n_bytes(ids), "base_tokens": len(ids), "codes": n_codes}
-
-
-def efficiency_report(paths, max_subtokens=4, max_codebook_size=1024, window=1024,
-                      no_digit_merges=False, show=False, color=None):
-    """Token efficiency per file and in total. A `.bin` file is read as uint16 base ids."""
-    tok = Tokenizer(max_subtokens, max_codebook_size, no_digit_merges)
-    color = sys.stdout.isatty() if color is None else color
-    print(f"M={max_subtokens} C={max_codebook_size} window={window or 'whole file'} base tokens")
-    print(f"{'file':<40} {'bytes':>12} {'base':>11} {'codes':>11} {'B/base':>7} {'B/code':>7} {'ratio':>6}")
-    total = {"bytes": 0, "base_tokens": 0, "codes": 0}
-    rows = []
-    for path in paths:
-        if not os.path.isfile(path):
-            raise SystemExit(f"error: {path!r} is not a file")
-        if path.endswith(".bin"):
-            ids = np.fromfile(path, dtype=np.uint16).tolist()
-        else:
-            with open(path, encoding="utf-8", errors="replace") as f:
-                ids = tok.bpe.encode_ordinary(f.read())
-        rows.append((path, compression_stats(tok, ids, window)))
-        if show:
-            print(tok.show(lzw_encode(ids[:window or None], tok.vocab_size, max_codebook_size,
-                                      max_subtokens, tok.disabled_ids), color))
-    for name, s in rows + [("total", None)]:
-        if s is None:
-            s = total
-        else:
-            total = {k: total[k] + s[k] for k in total}
-        b, n, c = s["bytes"], max(s["base_tokens"], 1), max(s["codes"], 1)
-        print(f"{name[-40:]:<40} {b:>12,} {s['base_tokens']:>11,} {s['codes']:>11,} "
-              f"{b / n:>7.2f} {b / c:>7.2f} {c / n:>6.3f}")
-    return total
 
 # -----------------------------------------------------------------------------
 # What the model needs to know about each row's codebook, position by position
@@ -781,36 +726,6 @@ class GPT(nn.Module):
         return torch.tensor(out, dtype=idx.dtype, device=idx.device) if torch.is_tensor(idx) else out
 
 
-def load_checkpoint(path, device="cpu"):
-    """(model, checkpoint dict) from a checkpoint file or a folder holding `ckpt.pt`.
-
-    A checkpoint is a dict with at least `model` (a state dict) and `model_args` (GPTConfig's
-    fields); train.py adds its config, optimizer and counters. Errors say what is wrong.
-    """
-    import dataclasses
-    file = os.path.join(path, "ckpt.pt") if os.path.isdir(path) else path
-    if not os.path.isfile(file):
-        raise FileNotFoundError(f"no checkpoint at {path!r} (expected a file or a folder holding ckpt.pt)")
-    try:
-        ckpt = torch.load(file, map_location=device, weights_only=False)
-    except Exception as e:
-        raise ValueError(f"{file!r} is not a readable checkpoint: {e}") from None
-    if not isinstance(ckpt, dict) or "model" not in ckpt or "model_args" not in ckpt:
-        raise ValueError(f"{file!r} is not a zip2zip checkpoint (needs keys 'model' and 'model_args')")
-    known = {f.name for f in dataclasses.fields(GPTConfig)}
-    unknown = set(ckpt["model_args"]) - known
-    if unknown:
-        raise ValueError(f"{file!r}: unknown model settings {sorted(unknown)}")
-    args = dict(ckpt["model_args"])
-    args["disabled_ids"] = tuple(args.get("disabled_ids", ()))
-    model = GPT(GPTConfig(**args))
-    # torch.compile prefixes parameter names with _orig_mod.; DDP with module.
-    state = {k.removeprefix("_orig_mod.").removeprefix("module."): v for k, v in ckpt["model"].items()}
-    try:
-        model.load_state_dict(state)
-    except RuntimeError as e:
-        raise ValueError(f"{file!r} does not match its own model settings: {e}") from None
-    return model.to(device), ckpt
 
 
 class KVCache:
@@ -953,95 +868,3 @@ class IncrementalDecoder:
         x = self._embed(idx, self.next_pos[:, None])
         self.next_pos = self.next_pos + 1
         self._run(x, self.key_valid[:, None, None, :self.cache.pos + 1])
-
-
-# -----------------------------------------------------------------------------
-# Configuration: dataclass defaults, then preset files, then --key=value overrides
-
-
-def _coerce(value, default, where):
-    """`value` (a literal, or a command-line string) as the type of `default`, or ValueError."""
-    import ast
-    kind = type(default)
-    if isinstance(value, str) and kind is not str:
-        if kind is bool and value.lower() in ("true", "false"):
-            value = value.lower() == "true"
-        else:
-            try:
-                value = ast.literal_eval(value)
-            except (ValueError, SyntaxError):
-                pass
-    if kind is float and type(value) is int:
-        value = float(value)
-    if default is not None and type(value) is not kind:
-        raise ValueError(f"{where}: expected {kind.__name__} (like the default {default!r}), "
-                         f"got {value!r}")
-    return value
-
-
-def configure(config, args, presets=True):
-    """Apply preset files and `--key=value` overrides to a dataclass instance, in order.
-
-    A preset (`config/name.py`) is a file of `key = literal` lines: parsed, never executed.
-    Unknown keys and values of the wrong type raise ValueError naming them. Returns the
-    remaining positional arguments.
-    """
-    import ast
-    import dataclasses
-    known = {f.name for f in dataclasses.fields(config)}
-
-    def set_value(key, value, where):
-        if key not in known:
-            raise ValueError(f"{where}: unknown key {key!r}; known keys: {', '.join(sorted(known))}")
-        setattr(config, key, _coerce(value, getattr(config, key), where))
-
-    positional = []
-    for arg in args:
-        if arg.startswith("--"):
-            key, eq, value = arg[2:].partition("=")
-            if not eq:
-                raise ValueError(f"{arg}: expected --key=value")
-            set_value(key, value, arg)
-        elif presets and arg.endswith(".py"):
-            if not os.path.isfile(arg):
-                raise ValueError(f"preset {arg!r} not found")
-            for node in ast.parse(open(arg).read(), arg).body:
-                where = f"{arg}:{node.lineno}"
-                if not (isinstance(node, ast.Assign) and len(node.targets) == 1
-                        and isinstance(node.targets[0], ast.Name)):
-                    raise ValueError(f"{where}: a preset holds only `key = literal` lines")
-                try:
-                    value = ast.literal_eval(node.value)
-                except ValueError:
-                    raise ValueError(f"{where}: the value of {node.targets[0].id} is not a literal") from None
-                set_value(node.targets[0].id, value, where)
-        else:
-            positional.append(arg)
-    return positional
-
-
-# -----------------------------------------------------------------------------
-# Command line: the token-efficiency report
-
-
-@dataclass
-class ReportConfig:
-    max_subtokens: int = 4          # M: the paper's default merge size (M=3..5 are close)
-    max_codebook_size: int = 1024   # C: enough entries for a 1024-token window of code
-    window: int = 1024              # base tokens per fresh codebook, like a training window; 0: whole file
-    no_digit_merges: bool = False   # keep digits out of hypertokens
-    show: bool = False              # print each file's first window with hypertokens marked
-
-
-if __name__ == "__main__":
-    cfg = ReportConfig()
-    try:
-        files = configure(cfg, sys.argv[1:], presets=False)
-    except ValueError as e:
-        raise SystemExit(f"error: {e}")
-    if not files:
-        raise SystemExit("usage: python zip2zip.py FILE... [--max_subtokens=4] [--max_codebook_size=1024] "
-                         "[--window=1024] [--no_digit_merges=False] [--show=False]\n"
-                         "FILE is a text file or a .bin file of uint16 GPT-2 ids (data/pycode/val.bin)")
-    efficiency_report(files, cfg.max_subtokens, cfg.max_codebook_size, cfg.window,
-                      cfg.no_digit_merges, cfg.show)

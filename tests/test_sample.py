@@ -47,8 +47,8 @@ def test_colour_and_stats(capsys, ckpt, tok, color):
     out = run(capsys, ckpt, *args)
     # each sample shows its prompt with its hypertokens marked: ANSI colours when asked for,
     # [brackets] otherwise (captured output is not a terminal, so that is also the default)
-    shown = tok.show(tok.encode(CODE), color=color is True)
-    assert "[" in tok.show(tok.encode(CODE), color=False)   # there are hypertokens to mark
+    shown = sample.show(tok, tok.encode(CODE), color=color is True)
+    assert "[" in sample.show(tok, tok.encode(CODE), color=False)   # there are hypertokens to mark
     assert out.count(shown) == 2
     assert ("\x1b[" in out) == (color is True)
     stats = STATS.findall(out)
@@ -75,7 +75,7 @@ def test_file_prompt_longer_than_the_context(capsys, ckpt, tok, tmp_path):
     out = run(capsys, ckpt, f"--start=FILE:{path}", "--color=False")
     n_codes = int(re.search(r"prompt: \d+ base tokens in (\d+) codes", out).group(1))
     assert n_codes > 32                                    # longer than block_size
-    assert out.count(tok.show(tok.encode(text), color=False)) == 2 and len(STATS.findall(out)) == 2
+    assert out.count(sample.show(tok, tok.encode(text), color=False)) == 2 and len(STATS.findall(out)) == 2
 
 
 def test_stats_count_the_generated_text(capsys, ckpt, tok):

@@ -5,7 +5,9 @@ import sysconfig
 import numpy as np
 import pytest
 
-from zip2zip import Tokenizer, compression_stats, efficiency_report
+from cli import show
+from efficiency import compression_stats, efficiency_report
+from zip2zip import Tokenizer
 
 
 @pytest.fixture(scope="module")
@@ -83,9 +85,9 @@ def test_segments_and_show(tok):
     segs = tok.segments(codes)
     assert "".join(s for _, s in segs) == text
     assert any(c >= tok.vocab_size for c, _ in segs)
-    plain = tok.show(codes, color=False)
+    plain = show(tok, codes, color=False)
     assert plain.replace("[", "").replace("]", "") == text and "[" in plain
-    coloured = tok.show(codes, color=True)
+    coloured = show(tok, codes, color=True)
     assert "\x1b[" in coloured
     # a multi-byte character split across two base tokens is shown whole, once
     emoji = "🙂🙂🙂🙂"

@@ -13,6 +13,7 @@ import numpy as np
 import pytest
 import torch
 
+import cli
 import train
 import zip2zip
 
@@ -124,7 +125,7 @@ def test_a_few_steps_lower_the_loss(data_dir, tmp_path):
     assert losses[-1] < losses[0] - 1.0
     ckpt = torch.load(tmp_path / "ckpt.pt", weights_only=False)
     assert ckpt["iter_num"] == 8 and ckpt["config"]["max_subtokens"] == 4 and out["val"]["bpb"] > 0
-    model, _ = zip2zip.load_checkpoint(str(tmp_path))                     # the one loader reads it
+    model, _ = cli.load_checkpoint(str(tmp_path))                         # the one loader reads it
     assert model.config.max_subtokens == 4
 
 
@@ -209,7 +210,7 @@ def test_lora_trains_only_what_it_should(data_dir, plain_dir, tmp_path):
         else:
             assert torch.equal(merged[k], v), k                       # everything else frozen
     assert merged["hyper_in.proj.weight"].abs().sum() > 0             # the hyper-encoder trains (starts at 0)
-    model, _ = zip2zip.load_checkpoint(str(tmp_path))                 # a plain zip2zip checkpoint
+    model, _ = cli.load_checkpoint(str(tmp_path))                     # a plain zip2zip checkpoint
     assert not any("lora" in k for k in model.state_dict())
 
 

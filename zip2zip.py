@@ -231,7 +231,7 @@ RANKS = os.path.join(os.path.dirname(os.path.abspath(__file__)), "data", "r50k_b
 RANKS_SHA256 = "306cd27f03c1a714eca7108e03d66b7dc042abe8c258b44c199a7ed9838dd930"
 
 
-def gpt2_bpe(path=RANKS):
+def gpt2_bpe(path=None):
     """GPT-2's BPE as a tiktoken Encoding (r50k_base), built from the ranks file shipped in this
     repository (OpenAI's, MIT licensed), so that nothing is ever downloaded. Same ids as
     tiktoken.get_encoding("r50k_base"). OSError with the path if the file is missing or damaged."""
@@ -239,6 +239,7 @@ def gpt2_bpe(path=RANKS):
     import hashlib
     import tiktoken  # imported here so that the codec above needs nothing but the stdlib
     from tiktoken_ext import openai_public
+    path = path or RANKS
     try:
         with open(path, "rb") as f:
             data = f.read()

@@ -18,6 +18,8 @@ the tables with fp32 atomic adds and cast at the end, so repeated ids accumulate
 for bf16 tables (exact up to the order of the adds).
 """
 
+import math
+
 import torch
 import torch.nn.functional as F
 
@@ -41,10 +43,23 @@ def _use_triton(*tensors):
     return HAS_TRITON and all(t.is_cuda for t in tensors)
 
 
-def _grid(rows, d):
-    # one program per (row, block of BLOCK_D columns); masking covers d that is not a power of 2
+def _launch(rows, d):
+    """How to launch a kernel over rows of d columns: (grid, d_units, constexprs).
+
+    One program per (row, block of BLOCK_D columns); masking covers d that is not a power of 2.
+    Subtle: triton vectorises a load or store (up to 16 bytes a thread) only where it can prove
+    the address aligned and the mask `cols < D` constant across the vector, and both hang on
+    what it knows of d; on its own it sees only whether d % 16 == 0. So the kernels take d as
+    d_units * D_ALIGN, D_ALIGN the largest power of 2 up to 16 that divides d, and triton knows
+    d is a multiple of D_ALIGN: with d=520, fp32 rows move in 16-byte vectors, not 4-byte words.
+    Unlike a hint this cannot lie: a wrong D_ALIGN makes a wrong d, which every test sees.
+    (Triton 3.9 drops tl.multiple_of on a scalar argument and learns nothing from tl.assume
+    here. The columns need no hint: triton sees that a block starts at a multiple of BLOCK_D.)
+    Example: d=520 -> D_ALIGN=8, d_units=65; d=768 -> 16, 48; d=33 -> 1, 33.
+    """
     block_d = min(triton.next_power_of_2(d), 512)
-    return (rows, triton.cdiv(d, block_d)), block_d
+    align = math.gcd(d, 16)
+    return (rows, triton.cdiv(d, block_d)), d // align, dict(BLOCK_D=block_d, D_ALIGN=align)
 
 
 # -----------------------------------------------------------------------------
@@ -58,7 +73,9 @@ if HAS_TRITON:
         return tl.where(tok < V, wte_ptr + tok * D, hyper_ptr + (b * K + tok - V) * D)
 
     @triton.jit
-    def _hyper_embedding_fwd(idx_ptr, wte_ptr, hyper_ptr, out_ptr, T, K, V, D, BLOCK_D: tl.constexpr):
+    def _hyper_embedding_fwd(idx_ptr, wte_ptr, hyper_ptr, out_ptr, T, K, V, d_units,
+                             BLOCK_D: tl.constexpr, D_ALIGN: tl.constexpr):
+        D = d_units * D_ALIGN  # the row length (see _launch)
         pos = tl.program_id(0).to(tl.int64)  # flat (b, t); int64 so pos * D cannot overflow
         cols = tl.program_id(1) * BLOCK_D + tl.arange(0, BLOCK_D)
         mask = cols < D
@@ -66,16 +83,23 @@ if HAS_TRITON:
         tl.store(out_ptr + pos * D + cols, tl.load(src + cols, mask=mask), mask=mask)
 
     @triton.jit
-    def _hyper_embedding_bwd(idx_ptr, dwte_ptr, dhyper_ptr, dout_ptr, T, K, V, D, BLOCK_D: tl.constexpr):
+    def _hyper_embedding_bwd(idx_ptr, dwte_ptr, dhyper_ptr, dout_ptr, T, K, V, d_units,
+                             BLOCK_D: tl.constexpr, D_ALIGN: tl.constexpr):
+        D = d_units * D_ALIGN
         pos = tl.program_id(0).to(tl.int64)
         cols = tl.program_id(1) * BLOCK_D + tl.arange(0, BLOCK_D)
         mask = cols < D
         dst = _hyper_row(tl.load(idx_ptr + pos), pos // T, dwte_ptr, dhyper_ptr, K, V, D)
         g = tl.load(dout_ptr + pos * D + cols, mask=mask).to(tl.float32)
-        tl.atomic_add(dst + cols, g, mask=mask)  # into fp32 buffers: repeated ids sum in fp32
+        # into fp32 buffers: repeated ids sum in fp32. Relaxed, because the adds only accumulate
+        # (nothing reads the sums until the kernel ends): then the GPU fires and forgets them
+        # (red, not atom), where the default acq_rel orders each add, with barriers around it.
+        tl.atomic_add(dst + cols, g, mask=mask, sem="relaxed")
 
     @triton.jit
-    def _gather_slots_fwd(contents_ptr, lengths_ptr, wte_ptr, pos_ptr, out_ptr, M, D, BLOCK_D: tl.constexpr):
+    def _gather_slots_fwd(contents_ptr, lengths_ptr, wte_ptr, pos_ptr, out_ptr, M, d_units,
+                          BLOCK_D: tl.constexpr, D_ALIGN: tl.constexpr):
+        D = d_units * D_ALIGN
         i = tl.program_id(0).to(tl.int64)  # flat (n, s)
         n, s = i // M, i % M
         cols = tl.program_id(1) * BLOCK_D + tl.arange(0, BLOCK_D)
@@ -89,15 +113,17 @@ if HAS_TRITON:
         tl.store(out_ptr + i * D + cols, x.to(out_ptr.dtype.element_ty), mask=cols < D)
 
     @triton.jit
-    def _gather_slots_bwd(contents_ptr, lengths_ptr, dout_ptr, dwte_ptr, dpos_ptr, M, D,
-                          BLOCK_D: tl.constexpr):
+    def _gather_slots_bwd(contents_ptr, lengths_ptr, dout_ptr, dwte_ptr, dpos_ptr, M, d_units,
+                          BLOCK_D: tl.constexpr, D_ALIGN: tl.constexpr):
+        D = d_units * D_ALIGN
         i = tl.program_id(0).to(tl.int64)
         n, s = i // M, i % M
         cols = tl.program_id(1) * BLOCK_D + tl.arange(0, BLOCK_D)
         live = cols < tl.where(s < tl.load(lengths_ptr + n), D, 0)  # pads pass no gradient on
         g = tl.load(dout_ptr + i * D + cols, mask=live).to(tl.float32)
-        tl.atomic_add(dwte_ptr + tl.load(contents_ptr + i) * D + cols, g, mask=live)
-        tl.atomic_add(dpos_ptr + s * D + cols, g, mask=live)
+        # relaxed: these adds only accumulate too (see _hyper_embedding_bwd)
+        tl.atomic_add(dwte_ptr + tl.load(contents_ptr + i) * D + cols, g, mask=live, sem="relaxed")
+        tl.atomic_add(dpos_ptr + s * D + cols, g, mask=live, sem="relaxed")
 
 
 # -----------------------------------------------------------------------------
@@ -128,11 +154,10 @@ class HyperEmbedding(torch.autograd.Function):
         idx, wte, hyper = idx.contiguous(), wte.contiguous(), hyper.contiguous()
         (B, T), (K, d) = idx.shape, hyper.shape[1:]
         out = wte.new_empty(B, T, d)
-        grid, block_d = _grid(B * T, d)
+        grid, d_units, meta = _launch(B * T, d)
         if B * T:  # triton refuses an empty grid
             # with K == 0 hyper has no storage; pass wte, which is never read through it
-            _hyper_embedding_fwd[grid](idx, wte, hyper if K else wte, out,
-                                       T, K, vocab_size, d, BLOCK_D=block_d)
+            _hyper_embedding_fwd[grid](idx, wte, hyper if K else wte, out, T, K, vocab_size, d_units, **meta)
         ctx.save_for_backward(idx)
         ctx.vocab_size, ctx.dtype = vocab_size, wte.dtype
         ctx.wte_shape, ctx.hyper_shape = wte.shape, hyper.shape
@@ -144,10 +169,10 @@ class HyperEmbedding(torch.autograd.Function):
         (B, T), (_, K, d) = idx.shape, ctx.hyper_shape
         dwte = torch.zeros(ctx.wte_shape, dtype=torch.float32, device=idx.device)
         dhyper = torch.zeros(ctx.hyper_shape, dtype=torch.float32, device=idx.device)
-        grid, block_d = _grid(B * T, d)
+        grid, d_units, meta = _launch(B * T, d)
         if B * T:
             _hyper_embedding_bwd[grid](idx, dwte, dhyper if K else dwte, dout.contiguous(),
-                                       T, K, ctx.vocab_size, d, BLOCK_D=block_d)
+                                       T, K, ctx.vocab_size, d_units, **meta)
         return None, dwte.to(ctx.dtype), dhyper.to(ctx.dtype), None
 
 
@@ -183,9 +208,9 @@ class GatherSlots(torch.autograd.Function):
         wte, slot_pos = wte.contiguous(), slot_pos.contiguous()
         (N, M), d = contents.shape, wte.size(1)
         out = wte.new_empty(N, M, d)
-        grid, block_d = _grid(N * M, d)
+        grid, d_units, meta = _launch(N * M, d)
         if N * M:
-            _gather_slots_fwd[grid](contents, lengths, wte, slot_pos, out, M, d, BLOCK_D=block_d)
+            _gather_slots_fwd[grid](contents, lengths, wte, slot_pos, out, M, d_units, **meta)
         ctx.save_for_backward(contents, lengths)
         ctx.wte_shape, ctx.dtype = wte.shape, wte.dtype
         return out
@@ -196,9 +221,9 @@ class GatherSlots(torch.autograd.Function):
         (N, M), d = contents.shape, ctx.wte_shape[1]
         dwte = torch.zeros(ctx.wte_shape, dtype=torch.float32, device=contents.device)
         dpos = torch.zeros(M, d, dtype=torch.float32, device=contents.device)
-        grid, block_d = _grid(N * M, d)
+        grid, d_units, meta = _launch(N * M, d)
         if N * M:
-            _gather_slots_bwd[grid](contents, lengths, dout.contiguous(), dwte, dpos, M, d, BLOCK_D=block_d)
+            _gather_slots_bwd[grid](contents, lengths, dout.contiguous(), dwte, dpos, M, d_units, **meta)
         return None, None, dwte.to(ctx.dtype), dpos.to(ctx.dtype)
 
 

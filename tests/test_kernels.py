@@ -3,12 +3,18 @@ Tests for kernels.py: each Triton kernel against its PyTorch reference, forward 
 and each reference against a naive per-element loop.
 
 Without a GPU the kernels run on CPU tensors in triton's interpreter (TRITON_INTERPRET=1); with
-one they are compiled and run on CUDA tensors.
+one they are compiled and run on CUDA tensors. Either way, the test_aot_* tests compile every
+kernel ahead of time for A100 and H100 (sm_80, sm_90) and check the PTX: no GPU is needed for that.
 """
 
 import importlib
+import itertools
+import json
 import os
+import re
+import subprocess
 import sys
+import warnings
 
 import pytest
 import torch
@@ -241,3 +247,165 @@ def test_dispatch_picks_triton_on_cuda(monkeypatch):
     hyper = torch.randn(1, 1, 8, device="cuda")
     out = kernels.hyper_embedding(torch.tensor([[0, 5]], device="cuda"), wte, hyper, 5)
     assert type(out.grad_fn).__name__ == "HyperEmbeddingBackward"
+
+
+# -----------------------------------------------------------------------------
+# launch arguments
+
+@needs_triton
+def test_launch_factors_d():
+    # the worked examples of kernels._launch, then every d up to 100
+    assert kernels._launch(3, 520) == ((3, 2), 65, dict(BLOCK_D=512, D_ALIGN=8))
+    assert kernels._launch(3, 768) == ((3, 2), 48, dict(BLOCK_D=512, D_ALIGN=16))
+    assert kernels._launch(3, 33) == ((3, 1), 33, dict(BLOCK_D=64, D_ALIGN=1))
+    for d in range(1, 101):
+        (_, blocks), d_units, meta = kernels._launch(5, d)
+        align, block_d = meta["D_ALIGN"], meta["BLOCK_D"]
+        assert d_units * align == d and align in (1, 2, 4, 8, 16)
+        assert align == 16 or d_units % 2 == 1  # the largest such power of 2: no factor 2 is left
+        assert (blocks - 1) * block_d < d <= blocks * block_d
+
+
+# -----------------------------------------------------------------------------
+# ahead of time: every kernel compiled for real GPUs, without one
+#
+# Triton's wheel carries ptxas, so triton.compile builds a kernel for any NVIDIA target on a CPU.
+# The PTX shows what the interpreter cannot: how the backward kernels add into memory, and how
+# many bytes each thread moves per load or store. Every kernel is compiled once, for each target,
+# dtype and shape below (144 small kernels, about 8 s on 2 cores), and the tests read the PTX.
+
+CAPS = [80, 90]                              # A100, H100 (compute capability 8.0, 9.0)
+DTYPES = {"fp32": 4, "bf16": 2, "fp16": 2}   # the model's dtypes: bytes per element
+KERNEL_NAMES = ["_hyper_embedding_fwd", "_hyper_embedding_bwd", "_gather_slots_fwd", "_gather_slots_bwd"]
+SHAPES = [  # d, and n: the value of every size that may be 1 (T, K, M)
+    (768, 64),                          # GPT-2's d: d % 16 == 0, which triton sees by itself
+    (520, 64), (516, 64), (514, 64), (513, 64),  # d % 16 = 8, 4, 2, 1: only _launch tells triton
+    (16, 1),   # decoding: T=1, and K=M=d_units=1, become constants in triton's JIT; tiny blocks
+]
+
+
+def launch_args(name, dtype, d, n):
+    """The arguments kernels.py launches kernel `name` with: a pointer's type, or an int."""
+    _, d_units, meta = kernels._launch(n, d)
+    t, f32, i64, V = "*" + dtype, "*fp32", "*i64", 50257  # V: GPT-2's vocabulary
+    args = {
+        "_hyper_embedding_fwd": dict(idx_ptr=i64, wte_ptr=t, hyper_ptr=t, out_ptr=t, T=n, K=n, V=V),
+        "_hyper_embedding_bwd": dict(idx_ptr=i64, dwte_ptr=f32, dhyper_ptr=f32, dout_ptr=t, T=n, K=n, V=V),
+        "_gather_slots_fwd": dict(contents_ptr=i64, lengths_ptr=i64, wte_ptr=t, pos_ptr=t, out_ptr=t, M=n),
+        "_gather_slots_bwd": dict(contents_ptr=i64, lengths_ptr=i64, dout_ptr=t, dwte_ptr=f32, dpos_ptr=f32, M=n),
+    }[name]
+    return dict(args, d_units=d_units, **meta)
+
+
+def jit_specialization(fn, args):
+    """The signature, constexprs and attrs that triton 3.9's JIT builds when it launches fn with
+    args (JITFunction._pack_args): a torch tensor is 16-byte aligned, an int equal to 1 becomes a
+    constant, an int divisible by 16 is marked so. Compiling with them is compiling what runs."""
+    assert [p.name for p in fn.params] == list(args), "launch_args is out of date"
+    div16 = [["tt.divisibility", 16]]
+    signature, constexprs, attrs = {}, {}, {}
+    for i, (p, v) in enumerate(zip(fn.params, args.values())):
+        if p.is_constexpr or v == 1:
+            signature[p.name], constexprs[p.name] = "constexpr", v
+        elif isinstance(v, str):  # a pointer
+            signature[p.name], attrs[(i,)] = v, div16
+        else:
+            signature[p.name] = "i32"
+            if v % 16 == 0:
+                attrs[(i,)] = div16
+    return signature, constexprs, attrs
+
+
+def compile_all(path):
+    """Compile every kernel for every target, dtype and shape; write {key: PTX} as JSON to path.
+
+    Run in a process where TRITON_INTERPRET is off (see the fixture ptx)."""
+    import triton
+    from triton.backends.compiler import GPUTarget
+    from triton.compiler import ASTSource
+    # triton 3.9 warns that its fp-fusion default changes in 3.10; these kernels have no a*b+c
+    warnings.filterwarnings("ignore", message="TRITON_DEFAULT_FP_FUSION")
+    out = {}
+    for name, cap, dtype, (d, n) in itertools.product(KERNEL_NAMES, CAPS, DTYPES, SHAPES):
+        fn = getattr(kernels, name)
+        signature, constexprs, attrs = jit_specialization(fn, launch_args(name, dtype, d, n))
+        src = ASTSource(fn=fn, signature=signature, constexprs=constexprs, attrs=attrs)
+        out[f"{name} {cap} {dtype} {d}"] = triton.compile(src, target=GPUTarget("cuda", cap, 32)).asm["ptx"]
+    with open(path, "w") as f:
+        json.dump(out, f)
+
+
+@pytest.fixture(scope="module")
+def ptx(tmp_path_factory):
+    """{(kernel name, cap, dtype, d): PTX} for every kernel, target, dtype and shape."""
+    if not kernels.HAS_TRITON:
+        pytest.skip("triton does not import")
+    import triton
+    if "nvidia" not in triton.backends.backends:
+        pytest.skip("this triton has no CUDA backend, so it cannot compile for NVIDIA GPUs")
+    # Subtle: TRITON_INTERPRET=1 (set above for the CPU tests) made every @triton.jit in this
+    # process an interpreter object, triton's own library included, and those cannot be
+    # compiled. So compile in a fresh process with TRITON_INTERPRET=0, which the setdefault at
+    # the top of this file keeps: there kernels.py, and triton, decorate as on a GPU machine.
+    tmp = tmp_path_factory.mktemp("aot")
+    paths = [os.path.dirname(kernels.__file__), os.path.dirname(__file__), os.environ.get("PYTHONPATH")]
+    env = dict(os.environ, TRITON_INTERPRET="0", TRITON_CACHE_DIR=str(tmp / "cache"),  # not ~/.triton
+               PYTHONPATH=os.pathsep.join(filter(None, paths)))
+    code = "import sys, test_kernels; test_kernels.compile_all(sys.argv[1])"
+    run = subprocess.run([sys.executable, "-c", code, str(tmp / "ptx.json")], env=env,
+                         capture_output=True, text=True)
+    assert run.returncode == 0, run.stderr[-3000:]
+    with open(tmp / "ptx.json") as f:
+        return {tuple(int(x) if x.isdigit() else x for x in key.split()): v for key, v in json.load(f).items()}
+
+
+def global_accesses(ptx):
+    """(opcode, bytes a thread moves) of each masked global load, store and atomic in ptx.
+
+    Example: '@%p1 ld.global.v4.b32 { %r1, %r2, %r3, %r4 }, [ %rd3 + 0 ];' -> ('ld.global.v4.b32', 16).
+    The loads of one id per program (ld.global.b64, not masked) are left out.
+    """
+    out = []
+    for op in re.findall(r"^\s*@!?%p\d+\s+((?:ld|st|red|atom)\.global\.\S+)", ptx, re.MULTILINE):
+        parts = op.split(".")
+        vec = next((int(p[1:]) for p in parts if re.fullmatch(r"v\d", p)), 1)
+        out.append((op, vec * int(parts[-1][1:]) // 8))  # .v4.b32: 4 x 32 bits
+    return out
+
+
+@pytest.mark.parametrize("cap", CAPS)
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("name", ["_hyper_embedding_bwd", "_gather_slots_bwd"])
+def test_aot_backward_adds_are_relaxed_reductions(name, cap, dtype, ptx):
+    for d, _ in SHAPES:
+        code = ptx[name, cap, dtype, d]
+        adds = [op for op, _ in global_accesses(code) if op.startswith(("red", "atom"))]
+        # a relaxed add whose result is unused compiles to red (fire and forget), not atom. The
+        # default sem="acq_rel" gives atom.global.gpu.acq_rel.add, with a bar.sync on each side.
+        assert adds and all(op.startswith("red.global.gpu.relaxed.add.") for op in adds), f"d={d}: {adds}"
+        assert not re.search(r"acq_rel|acquire|release|fence|membar", code), f"d={d}"
+        # sm_90 adds in vectors and has no barrier. sm_80 has only scalar float reds: where the
+        # gradient is loaded in vectors, triton deals it out one float per thread through shared
+        # memory, behind one bar.sync (a cost on A100, not an ordering of the adds).
+        assert code.count("bar.sync") <= (0 if cap >= 90 else 1), f"d={d}"
+
+
+@pytest.mark.parametrize("cap", CAPS)
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("name", KERNEL_NAMES)
+def test_aot_accesses_are_as_wide_as_d_allows(name, cap, dtype, ptx):
+    # Each thread moves min(a, e, 16 bytes) per instruction: a the largest power of 2 (up to 16)
+    # dividing d, which _launch tells triton, and e the elements a thread holds, BLOCK_D columns
+    # over triton's default 4 warps of 32 threads. Narrower would waste instructions; wider
+    # would be a lie about alignment (a misaligned-address fault, or a mask cut wrong, on a GPU).
+    size = DTYPES[dtype]
+    for d, _ in SHAPES:
+        align = min(d & -d, 16)                                    # d=520 -> 8
+        per_thread = max(1, min(1 << (d - 1).bit_length(), 512) // (4 * 32))
+        elems = min(align, per_thread)
+        for op, nbytes in global_accesses(ptx[name, cap, dtype, d]):
+            if op.startswith(("red", "atom")):  # into fp32 buffers; sm_80 has no vector float adds
+                want = 4 * (min(elems, 4) if cap >= 90 else 1)
+            else:
+                want = size * min(elems, 16 // size)
+            assert nbytes == want, f"d={d}: {op} moves {nbytes} bytes a thread, want {want}"

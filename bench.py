@@ -35,7 +35,7 @@ import numpy as np
 import torch
 
 import kernels
-from cli import configure
+import cli
 from zip2zip import GPT, GPTConfig, IncrementalDecoder, Tokenizer, lzw_decode, lzw_encode
 
 ROOT = os.path.dirname(os.path.abspath(__file__))
@@ -49,7 +49,7 @@ class BenchConfig:
     json: str = ""                # also write the figures to this JSON file
     device: str = "auto"          # cpu, cuda; auto: cuda when there is one
     threads: int = 0              # torch CPU threads; 0: torch's default (1 is steadier on a busy machine)
-    seed: int = 1337
+    seed: int = 1337              # weights, windows and batches: the same run twice times the same work
     # codec
     max_subtokens: int = 4        # M of the zip2zip side: the paper's default
     max_codebook_size: int = 1024  # C: room for every entry a 1024-token window of code makes
@@ -57,9 +57,10 @@ class BenchConfig:
     n_single: int = 200           # windows encoded one call at a time
     n_batch: int = 0              # windows in the batch encode; 0: every window of pycode val
     # models (the same architecture on both sides; nanoGPT's "baby GPT" size)
-    n_layer: int = 6
-    n_head: int = 6
-    n_embd: int = 384
+    n_layer: int = 6              # big enough that a step is the model's work, not Python's; small
+                                  # enough to time on a CPU
+    n_head: int = 6               # 64 dimensions per head, as GPT-2
+    n_embd: int = 384             # baby GPT's width
     block_size: int = 512         # the plain model replays a full context without cropping
     decode_batches: str = "1,8"   # batch sizes of the decoding benchmark
     train_batch_size: int = 4     # rows per training step (CPU-sized; raise it on a GPU)
@@ -397,33 +398,34 @@ def print_part(part, x, cfg):
     if part == "codec":
         print(f"\ncodec: base tokens/s on {x['window']}-token windows of pycode val (M={x['M']}, C={x['C']}; "
               f"codes/base tokens {x['length_ratio']:.3f})")
-        print(f"{'':<26}{'ours':>9}{'naive':>9}{'rust':>9}{'ours/naive':>12}{'ours/rust':>11}  target")
+        rows = [["", "ours", "naive", "rust", "ours/naive", "ours/rust", "target"]]
         for what, label, target in (("encode", f"encode, {x['windows']} x 1", ">= 0.6x rust"),
                                     ("batch_encode", f"encode, batch of {x['batch_windows']}", ">= 1x rust"),
                                     ("decode", f"decode, {x['windows']} x 1", "")):
             row = x[what]
-            print(f"{label:<26}{fmt(row['ours_tokens_per_s']):>9}{fmt(row.get('naive_tokens_per_s', '-')):>9}"
-                  f"{fmt(row['rust_tokens_per_s']):>9}{fx(row.get('ours_over_naive', '-')):>12}"
-                  f"{fx(row['ours_over_rust']):>11}  {target}")
+            rows.append([label, fmt(row["ours_tokens_per_s"]), fmt(row.get("naive_tokens_per_s", "-")),
+                         fmt(row["rust_tokens_per_s"]), fx(row.get("ours_over_naive", "-")),
+                         fx(row["ours_over_rust"]), target])
+        print("\n".join(cli.table(rows)))
     elif part == "decode":
         print(f"\ndecoding: text bytes/s with the KV cache, replaying pycode val ({cfg.n_layer} layers, "
               f"{cfg.n_embd} wide, context {cfg.block_size}); target: >= 1.6x at batch 1, hyper share < 5%")
-        print(f"{'batch':<7}{'zip2zip':>10}{'plain':>10}{'ratio':>8}{'hyper share':>13}{'steps zip/plain':>17}")
+        rows = [["batch", "zip2zip", "plain", "ratio", "hyper share", "steps zip/plain"]]
         for key, row in x.items():
-            steps = f"{row['zip2zip_steps']}/{row['plain_steps']}"
-            print(f"{key.removeprefix('batch_'):<7}{fmt(row['zip2zip_bytes_per_s']):>10}"
-                  f"{fmt(row['plain_bytes_per_s']):>10}{fx(row['ratio']):>8}{row['hyper_share']:>13.1%}{steps:>17}")
+            rows.append([key.removeprefix("batch_"), fmt(row["zip2zip_bytes_per_s"]), fmt(row["plain_bytes_per_s"]),
+                         fx(row["ratio"]), f"{row['hyper_share']:.1%}", f"{row['zip2zip_steps']}/{row['plain_steps']}"])
+        print("\n".join(cli.table(rows)))
     elif part == "train":
         print(f"\ntraining: text bytes/s of one step (forward, backward, AdamW), batch {x['batch_size']} x "
               f"{x['block_size']} codes; building the batch is timed apart")
-        print(f"{'':<14}{'zip2zip':>10}{'plain':>10}{'ratio':>8}")
-        print(f"{'step':<14}{fmt(x['zip2zip_bytes_per_s']):>10}{fmt(x['plain_bytes_per_s']):>10}{fx(x['ratio']):>8}")
-        print(f"{'build batch':<14}{fmt(x['zip2zip_batch_build_bytes_per_s']):>10}"
-              f"{fmt(x['plain_batch_build_bytes_per_s']):>10}")
+        print("\n".join(cli.table([
+            ["", "zip2zip", "plain", "ratio"],
+            ["step", fmt(x["zip2zip_bytes_per_s"]), fmt(x["plain_bytes_per_s"]), fx(x["ratio"])],
+            ["build batch", fmt(x["zip2zip_batch_build_bytes_per_s"]), fmt(x["plain_batch_build_bytes_per_s"]), ""]])))
     elif part == "kernels":
         print("\nkernels: forward + backward calls/s")
-        for what, row in x.items():
-            print(f"{what:<17}" + "  ".join(f"{key} {fx(v) if key == 'speedup' else fmt(v)}" for key, v in row.items()))
+        print("\n".join(cli.table([[what] + [f"{key} {fx(v) if key == 'speedup' else fmt(v)}" for key, v in row.items()]
+                                   for what, row in x.items()])))
     sys.stdout.flush()
 
 
@@ -436,25 +438,40 @@ def check_filled(x, where="bench"):
         raise AssertionError(f"{where} is {x}")
 
 
-def main(argv=None):
+def setup(argv):
+    """(settings, parts, device, tokenizer) from the command line, every one checked; the data
+    sets the parts read are prepared first if missing."""
     cfg = BenchConfig()
-    try:
-        extra = configure(cfg, sys.argv[1:] if argv is None else argv, presets=False)
-        if extra:
-            raise ValueError(f"unexpected argument {extra[0]!r} (options are --key=value)")
-        parts = [p for p in cfg.parts.split(",") if p]
-        unknown = set(parts) - {"codec", "decode", "train", "kernels"}
-        if unknown:
-            raise ValueError(f"unknown parts {sorted(unknown)}; known: codec, decode, train, kernels")
-    except ValueError as e:
-        raise SystemExit(f"error: {e}")
+    extra = cli.configure(cfg, argv, presets=False)
+    if extra:
+        raise ValueError(f"unexpected argument {extra[0]!r} (options are --key=value; see --help)")
+    parts = [p for p in cfg.parts.split(",") if p]
+    unknown = set(parts) - {"codec", "decode", "train", "kernels"}
+    if unknown:
+        raise ValueError(f"--parts={cfg.parts}: unknown parts {sorted(unknown)}; known: codec, decode, train, kernels")
     if cfg.quick:   # the tiny settings, unless given on the command line
-        given = {a[2:].partition("=")[0] for a in (sys.argv[1:] if argv is None else argv)}
+        given = {a[2:].partition("=")[0] for a in argv}
         cfg = replace(cfg, **{k: v for k, v in QUICK.items() if k not in given})
+    batches = cfg.decode_batches.split(",")
+    cli.check(cfg, ("rounds", cfg.rounds >= 1, "1 or more"), ("threads", cfg.threads >= 0, "0 (torch's default) or more"),
+              ("max_subtokens", cfg.max_subtokens >= 1, "1 or more"), ("window", cfg.window >= 1, "1 or more"),
+              ("n_single", cfg.n_single >= 1, "1 or more"), ("n_batch", cfg.n_batch >= 0, "0 (all) or more"),
+              ("decode_batches", all(b.isdigit() and int(b) > 0 for b in batches), "batch sizes like 1,8"),
+              ("train_batch_size", cfg.train_batch_size >= 1, "1 or more"),
+              ("json", not cfg.json or os.path.isdir(os.path.dirname(os.path.abspath(cfg.json))),
+               "a file in a folder that exists"))
+    device = cli.device(cfg.device)
+    tok = Tokenizer(cfg.max_subtokens, cfg.max_codebook_size)   # GPT-2's ranks, checked here
+    if set(parts) - {"kernels"}:   # the other parts read pycode: prepare it now if it is missing
+        load_tokens("pycode", "val")
+    return cfg, parts, device, tok
+
+
+def main(argv=None):
+    with cli.one_line_errors():
+        cfg, parts, device, tok = setup(sys.argv[1:] if argv is None else list(argv))
     if cfg.threads:
         torch.set_num_threads(cfg.threads)
-    device = ("cuda" if torch.cuda.is_available() else "cpu") if cfg.device == "auto" else cfg.device
-    tok = Tokenizer(cfg.max_subtokens, cfg.max_codebook_size)
     report = {"config": asdict(cfg), "machine": {
         "device": torch.cuda.get_device_name(device) if device.startswith("cuda") else platform.processor() or "cpu",
         "torch": torch.__version__, "python": platform.python_version(), "threads": torch.get_num_threads(),

@@ -1,13 +1,64 @@
 """
-What every script shares: settings from preset files and --key=value, checkpoints, and showing
-codes as text with their hypertokens marked. (The method itself is in zip2zip.py.)
+What every script shares: settings from preset files and --key=value (with --help), one-line
+errors for bad input, the device, checkpoints, tables, and showing codes as text with their
+hypertokens marked. (The method itself is in zip2zip.py.)
+
+A script's main has two stages. Its set-up reads and checks every setting and input (files,
+checkpoint, device, GPT-2's ranks) inside `with one_line_errors():`, so that a mistake costs
+one line `error: ...` naming the setting or file, before any long work starts. The work after
+it raises only on true bugs, which keep their traceback.
 """
 
 import os
+from contextlib import contextmanager
 
 import torch
 
 from zip2zip import GPT, GPTConfig
+
+
+@contextmanager
+def one_line_errors():
+    """Turn the expected failures of a script's set-up into `error: <message>` and exit status 1.
+
+    Expected failures are ValueError (a setting or an input that is wrong) and OSError (a file
+    that is missing or unreadable, GPT-2's ranks included). Their messages name what is wrong.
+    """
+    try:
+        yield
+    except (ValueError, OSError) as e:
+        raise SystemExit(f"error: {e}") from None
+
+
+def check(cfg, *rules):
+    """Settings against their rules, each (key, ok, what is expected): ValueError for the first
+    rule broken. Example: check(cfg, ("top_k", cfg.top_k >= 0, "0 (all codes) or more"))."""
+    for key, ok, expected in rules:
+        if not ok:
+            raise ValueError(f"--{key}={getattr(cfg, key)}: expected {expected}")
+
+
+def device(name):
+    """The torch device a --device setting names; "auto": cuda when there is one, else cpu.
+    ValueError naming --device for an unknown device or one this machine lacks."""
+    if name == "auto":
+        return "cuda" if torch.cuda.is_available() else "cpu"
+    try:
+        dev = torch.device(name)
+    except RuntimeError:
+        raise ValueError(f"--device={name}: unknown device; expected auto, cpu, cuda, cuda:N or mps") from None
+    if dev.type == "cuda" and not torch.cuda.is_available():
+        raise ValueError(f"--device={name}: CUDA is not available here")
+    if dev.type == "cuda" and (dev.index or 0) >= torch.cuda.device_count():
+        raise ValueError(f"--device={name}: this machine has {torch.cuda.device_count()} CUDA devices")
+    if dev.type == "mps" and not torch.backends.mps.is_available():
+        raise ValueError(f"--device={name}: MPS is not available here")
+    if dev.type not in ("cpu", "cuda", "mps"):
+        raise ValueError(f"--device={name}: not supported; expected auto, cpu, cuda, cuda:N or mps")
+    return name
+
+# -----------------------------------------------------------------------------
+# settings
 
 
 def _coerce(value, default, where):
@@ -34,16 +85,20 @@ def configure(config, args, presets=True):
     """Apply preset files and `--key=value` overrides to a dataclass instance, in order.
 
     A preset (`config/name.py`) is a file of `key = literal` lines: parsed, never executed.
-    Unknown keys and values of the wrong type raise ValueError naming them. Returns the
-    remaining positional arguments.
+    Unknown keys and values of the wrong type raise ValueError naming them. `--help` or `-h`
+    anywhere prints help_text(config) and exits with status 0. Returns the remaining
+    positional arguments.
     """
     import ast
     import dataclasses
+    if "--help" in args or "-h" in args:
+        print(help_text(config))
+        raise SystemExit(0)
     known = {f.name for f in dataclasses.fields(config)}
 
     def set_value(key, value, where):
         if key not in known:
-            raise ValueError(f"{where}: unknown key {key!r}; known keys: {', '.join(sorted(known))}")
+            raise ValueError(f"{where}: unknown key {key!r}; known keys: {', '.join(sorted(known))} (see --help)")
         setattr(config, key, _coerce(value, getattr(config, key), where))
 
     positional = []
@@ -51,7 +106,7 @@ def configure(config, args, presets=True):
         if arg.startswith("--"):
             key, eq, value = arg[2:].partition("=")
             if not eq:
-                raise ValueError(f"{arg}: expected --key=value")
+                raise ValueError(f"{arg}: expected --key=value (see --help)")
             set_value(key, value, arg)
         elif presets and arg.endswith(".py"):
             if not os.path.isfile(arg):
@@ -71,20 +126,108 @@ def configure(config, args, presets=True):
     return positional
 
 
+def field_comments(cls):
+    """[(field name or None, comment)] in source order, read from a dataclass's source: a field's
+    trailing comment joined with the comment lines that continue it (indented past the fields);
+    a comment line at the fields' own indentation is a section heading (name None).
+    tokenize, not a split on "#": a default such as "#" or "a # b" is a string, not a comment.
+
+    Example: `    n_head: int = 6   # heads\\n    #   of 64 dims\\n    # codec` ->
+    [("n_head", "heads of 64 dims"), (None, "codec")]."""
+    import ast
+    import dataclasses
+    import inspect
+    import io
+    import textwrap
+    import tokenize
+    names = {f.name for f in dataclasses.fields(cls)}
+    source = textwrap.dedent(inspect.getsource(cls))
+    indent = next(n for n in ast.parse(source).body if isinstance(n, ast.ClassDef)).body[0].col_offset
+    out, rows_seen = [], set()
+    for tok in tokenize.generate_tokens(io.StringIO(source).readline):
+        if tok.type in (tokenize.INDENT, tokenize.DEDENT, tokenize.NL, tokenize.NEWLINE):
+            continue
+        (row, col), first = tok.start, tok.start[0] not in rows_seen
+        rows_seen.add(row)
+        if tok.type == tokenize.NAME and first and col == indent and tok.string in names:
+            out.append([tok.string, ""])
+        elif tok.type == tokenize.COMMENT:
+            text = tok.string.lstrip("#").strip()
+            if not first and out:                   # after code: the comment of that line's field
+                out[-1][1] = text
+            elif col > indent and out and out[-1][0]:   # a comment line that continues a field's
+                out[-1][1] = f"{out[-1][1]} {text}".strip()
+            elif col == indent:                     # a section heading
+                out.append([None, text])
+    return [tuple(x) for x in out]
+
+
+def _typed(value):
+    """A value as one would type it after --key=: plain words bare, anything else as a literal."""
+    return value if isinstance(value, str) and value and value.isprintable() and " " not in value else repr(value)
+
+
+def help_text(config):
+    """--help: the script's summary and usage (its module docstring's first paragraph, and its
+    lines that start with `python` or `torchrun`), then every setting with its value and its
+    comment in the dataclass. A value that presets changed (train.py's config/cpu.py on a
+    machine without CUDA) shows the dataclass default beside it."""
+    import dataclasses
+    import sys
+    doc = (sys.modules[type(config).__module__].__doc__ or "").strip("\n")
+    lines = doc.splitlines()
+    usage = [line for line in lines if line.strip().startswith(("python ", "torchrun "))]
+    summary = doc.split("\n\n")[0].strip() or type(config).__name__   # the first paragraph
+    out = [summary, ""]
+    if usage:
+        out += ["usage:"] + usage + [""]
+    defaults = {f.name: f.default for f in dataclasses.fields(config)}
+    rows = []
+    for name, comment in field_comments(type(config)):
+        if name is None:
+            rows.append((f"# {comment}", ""))
+            continue
+        value = getattr(config, name)
+        if defaults[name] is not dataclasses.MISSING and value != defaults[name]:
+            comment = f"{comment} (default {_typed(defaults[name])})".strip()
+        rows.append((f"--{name}={_typed(value)}", comment))
+    width = min(max(len(a) for a, _ in rows), 34)
+    out.append("settings (--key=value; the value shown is the one that applies):")
+    out += [f"  {a:<{width}}  {b}".rstrip() if b else f"  {a}" for a, b in rows]
+    return "\n".join(out)
+
+# -----------------------------------------------------------------------------
+# checkpoints
+
+
 def load_checkpoint(path, device="cpu"):
     """(model, checkpoint dict) from a checkpoint file or a folder holding `ckpt.pt`.
 
     A checkpoint is a dict with at least `model` (a state dict) and `model_args` (GPTConfig's
-    fields); train.py adds its config, optimizer and counters. Errors say what is wrong.
+    fields); train.py adds its config, optimizer and counters. It is read with torch's
+    weights_only loader: tensors, numbers, strings, lists, tuples and dicts only, so a crafted
+    file cannot run code (pickle would call whatever the file names). Errors (ValueError,
+    FileNotFoundError) say what is wrong in one line.
     """
     import dataclasses
+    import pickle
+    import re
+    import warnings
     file = os.path.join(path, "ckpt.pt") if os.path.isdir(path) else path
     if not os.path.isfile(file):
         raise FileNotFoundError(f"no checkpoint at {path!r} (expected a file or a folder holding ckpt.pt)")
     try:
-        ckpt = torch.load(file, map_location=device, weights_only=False)
+        with warnings.catch_warnings():   # an old-style pickle draws a warning before its error
+            warnings.filterwarnings("ignore", message="Detected pickle protocol")
+            ckpt = torch.load(file, map_location=device, weights_only=True)
+    except pickle.UnpicklingError as e:   # torch's many-line message, in one line
+        code = re.search(r"GLOBAL (\S+)", str(e))
+        if code:
+            raise ValueError(f"{file!r} refused: it holds {code.group(1)}, which loading would call; a "
+                             f"checkpoint holds only tensors, numbers, strings, lists and dicts") from None
+        raise ValueError(f"{file!r} is not a readable checkpoint (not a file torch.save wrote)") from None
     except Exception as e:
-        raise ValueError(f"{file!r} is not a readable checkpoint: {e}") from None
+        raise ValueError(f"{file!r} is not a readable checkpoint: {str(e).splitlines()[0]}") from None
     if not isinstance(ckpt, dict) or "model" not in ckpt or "model_args" not in ckpt:
         raise ValueError(f"{file!r} is not a zip2zip checkpoint (needs keys 'model' and 'model_args')")
     known = {f.name for f in dataclasses.fields(GPTConfig)}
@@ -93,25 +236,62 @@ def load_checkpoint(path, device="cpu"):
         raise ValueError(f"{file!r}: unknown model settings {sorted(unknown)}")
     args = dict(ckpt["model_args"])
     args["disabled_ids"] = tuple(args.get("disabled_ids", ()))
+    if "canonical" in known:   # saved before the setting existed: such a model trained on any windows
+        args.setdefault("canonical", False)
     model = GPT(GPTConfig(**args))
     # torch.compile prefixes parameter names with _orig_mod.; DDP with module.
     state = {k.removeprefix("_orig_mod.").removeprefix("module."): v for k, v in ckpt["model"].items()}
     try:
         model.load_state_dict(state)
     except RuntimeError as e:
-        raise ValueError(f"{file!r} does not match its own model settings: {e}") from None
+        raise ValueError(f"{file!r} does not match its own model settings: {str(e).splitlines()[0]}") from None
     return model.to(device), ckpt
 
+# -----------------------------------------------------------------------------
+# output
 
-def show(tok, codes, color=True):
-    """The text with its hypertokens marked: alternating ANSI colours, or [brackets]."""
+
+def table(rows, left=1):
+    """Rows of cells as lines of aligned columns, two spaces apart whatever a cell holds: the
+    first `left` columns aligned left, the others right. Example: [["a", "1"], ["bb", "not
+    installed"]] -> ["a               1", "bb  not installed"]."""
+    rows = [[str(cell) for cell in row] for row in rows]
+    widths = [max(len(row[i]) for row in rows if i < len(row)) for i in range(max(map(len, rows)))]
+    return ["  ".join(cell.ljust(w) if i < left else cell.rjust(w)
+                      for i, (cell, w) in enumerate(zip(row, widths))).rstrip() for row in rows]
+
+
+# Marks for hypertokens without colour: the first pair none of whose characters occurs in the
+# text, so a mark can never be taken for the text's own brackets ([..] could: it is code). A
+# text that holds all five pairs gets the last one anyway.
+MARKS = (("⟦", "⟧"), ("⟪", "⟫"), ("⟨", "⟩"), ("⦃", "⦄"), ("⁅", "⁆"))
+COLORS = (41, 44)   # red and blue backgrounds, alternating, so neighbouring hypertokens stay apart
+
+
+def show(tok, codes, color=True, skip=0):
+    """The text of codes[skip:] with each hypertoken marked, after a one-line legend saying how
+    (no legend when there is no hypertoken to mark). The first `skip` codes (a prompt, say) only
+    build the codebook the rest is decoded with; they are not shown.
+
+    color=True: alternating background colours (ANSI). False: the first pair of MARKS that the
+    text (the skipped codes' included) does not contain. Example, no colour, on
+    "def f(x):\\n    return x\\n\\ndef g(x):\\n    return x\\n" (M=4):
+    "hypertokens are shown ⟦like this⟧\\ndef f(x):\\n ⟦  ⟧ return x\\n\\ndef g⟦(x⟧⟦):\\n⟧⟦  ⟧ ⟦ return x⟧\\n"."""
+    segments = tok.segments(codes)
+    text = "".join(t for _, t in segments)
+    shown = segments[skip:]
+    if color:
+        paint = lambda k, t: f"\x1b[{COLORS[k % 2]};97m{t}\x1b[0m"
+        legend = f"hypertokens are shown {paint(0, 'like')} {paint(1, 'this')}"
+    else:
+        left, right = next((pair for pair in MARKS if not set("".join(pair)) & set(text)), MARKS[-1])
+        paint = lambda k, t: f"{left}{t}{right}"
+        legend = f"hypertokens are shown {left}like this{right}"
     parts, k = [], 0
-    for code, text in tok.segments(codes):
+    for code, t in shown:
         if code < tok.vocab_size:
-            parts.append(text)
-        elif color:
-            parts.append(f"\x1b[{(41, 44)[k % 2]};97m{text}\x1b[0m")
-            k += 1
+            parts.append(t)
         else:
-            parts.append(f"[{text}]")
-    return "".join(parts)
+            parts.append(paint(k, t))
+            k += 1
+    return (legend + "\n" if k else "") + "".join(parts)

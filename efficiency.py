@@ -1,6 +1,7 @@
 """
 Token efficiency of zip2zip's codec on files: how much shorter LZW makes GPT-2 BPE.
 
+    python efficiency.py FILE... [--key=value ...]
     python efficiency.py data/pycode/val.bin data/prose/val.bin --show=True
     python efficiency.py some_file.py --max_subtokens=3 --window=0
 
@@ -15,7 +16,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from cli import configure, show as show_codes
+import cli
 from zip2zip import Tokenizer, _as_list, lzw_encode
 
 
@@ -30,35 +31,55 @@ def compression_stats(tokenizer, ids, window=1024):
     return {"bytes": tokenizer.n_bytes(ids), "base_tokens": len(ids), "codes": n_codes}
 
 
-def efficiency_report(paths, max_subtokens=4, max_codebook_size=1024, window=1024,
-                      no_digit_merges=False, show=False, color=None):
-    """Token efficiency per file and in total. A `.bin` file is read as uint16 base ids."""
-    tok = Tokenizer(max_subtokens, max_codebook_size, no_digit_merges)
+def read_ids(path, tok):
+    """The base ids of a file: a `.bin` file holds uint16 GPT-2 ids, anything else is UTF-8 text.
+    ValueError naming the file when it is neither (what was found, in one line)."""
+    if not os.path.isfile(path):
+        raise ValueError(f"{path}: not a file")
+    with open(path, "rb") as f:
+        data = f.read()
+    if path.endswith(".bin"):
+        if len(data) == 0:
+            raise ValueError(f"{path}: an empty .bin file (no ids)")
+        if len(data) % 2:
+            raise ValueError(f"{path}: {len(data):,} bytes, an odd number: not uint16 ids (2 bytes each)")
+        ids = np.frombuffer(data, dtype=np.uint16)
+        if ids.max() >= tok.vocab_size:
+            at = int(np.argmax(ids >= tok.vocab_size))
+            raise ValueError(f"{path}: id {ids[at]} at position {at:,}; GPT-2 ids are < {tok.vocab_size} "
+                             f"(is it a .bin that data/*/prepare.py wrote?)")
+        return ids.tolist()
+    if b"\0" in data:   # text never holds a NUL byte; a binary file very likely does
+        raise ValueError(f"{path}: a binary file, not text (a file of uint16 GPT-2 ids needs the .bin suffix)")
+    try:
+        text = data.decode("utf-8")
+    except UnicodeDecodeError as e:
+        raise ValueError(f"{path}: not UTF-8 text (byte 0x{data[e.start]:02x} at offset {e.start:,}; "
+                         f"Latin-1 or another encoding? convert it to UTF-8 first)") from None
+    return tok.bpe.encode_ordinary(text)
+
+
+def efficiency_report(files, tok, window=1024, show=False, color=None):
+    """Token efficiency of {name: base ids} per file and in total, printed as a table, then
+    (show=True) each file's first window with its hypertokens marked. Returns the total."""
     color = sys.stdout.isatty() if color is None else color
-    print(f"M={max_subtokens} C={max_codebook_size} window={window or 'whole file'} base tokens")
-    print(f"{'file':<40} {'bytes':>12} {'base':>11} {'codes':>11} {'B/base':>7} {'B/code':>7} {'ratio':>6}")
     total = {"bytes": 0, "base_tokens": 0, "codes": 0}
-    rows = []
-    for path in paths:
-        if not os.path.isfile(path):
-            raise SystemExit(f"error: {path!r} is not a file")
-        if path.endswith(".bin"):
-            ids = np.fromfile(path, dtype=np.uint16).tolist()
-        else:
-            with open(path, encoding="utf-8", errors="replace") as f:
-                ids = tok.bpe.encode_ordinary(f.read())
-        rows.append((path, compression_stats(tok, ids, window)))
-        if show:
-            print(show_codes(tok, lzw_encode(ids[:window or None], tok.vocab_size, max_codebook_size,
-                                      max_subtokens, tok.disabled_ids), color))
-    for name, s in rows + [("total", None)]:
-        if s is None:
+    rows = [["file", "bytes", "base", "codes", "B/base", "B/code", "ratio"]]
+    for name, ids in [*files.items(), ("total", None)]:
+        if ids is None:
             s = total
         else:
+            s = compression_stats(tok, ids, window)
             total = {k: total[k] + s[k] for k in total}
         b, n, c = s["bytes"], max(s["base_tokens"], 1), max(s["codes"], 1)
-        print(f"{name[-40:]:<40} {b:>12,} {s['base_tokens']:>11,} {s['codes']:>11,} "
-              f"{b / n:>7.2f} {b / c:>7.2f} {c / n:>6.3f}")
+        rows.append([name, f"{b:,}", f"{s['base_tokens']:,}", f"{s['codes']:,}",
+                     f"{b / n:.2f}", f"{b / c:.2f}", f"{c / n:.3f}"])
+    print(f"M={tok.max_subtokens} C={tok.max_codebook_size} window={window or 'whole file'} base tokens")
+    print("\n".join(cli.table(rows)))
+    for name, ids in files.items() if show else ():
+        print(f"\n=== {name}, first {'window' if window else 'whole file'} ===")
+        print(cli.show(tok, lzw_encode(ids[:window or None], tok.vocab_size, tok.max_codebook_size,
+                                       tok.max_subtokens, tok.disabled_ids), color))
     return total
 
 
@@ -71,15 +92,24 @@ class ReportConfig:
     show: bool = False              # print each file's first window with hypertokens marked
 
 
-if __name__ == "__main__":
+def setup(argv):
+    """(settings, tokenizer, {file: base ids}) from the command line, every file read and checked."""
     cfg = ReportConfig()
-    try:
-        files = configure(cfg, sys.argv[1:], presets=False)
-    except ValueError as e:
-        raise SystemExit(f"error: {e}")
-    if not files:
-        raise SystemExit("usage: python zip2zip.py FILE... [--max_subtokens=4] [--max_codebook_size=1024] "
-                         "[--window=1024] [--no_digit_merges=False] [--show=False]\n"
-                         "FILE is a text file or a .bin file of uint16 GPT-2 ids (data/pycode/val.bin)")
-    efficiency_report(files, cfg.max_subtokens, cfg.max_codebook_size, cfg.window,
-                      cfg.no_digit_merges, cfg.show)
+    paths = cli.configure(cfg, argv, presets=False)
+    if not paths:
+        raise ValueError("no FILE given; usage: python efficiency.py FILE... [--key=value ...] (see --help)")
+    cli.check(cfg, ("max_subtokens", cfg.max_subtokens >= 1, "1 (plain BPE) or more"),
+              ("max_codebook_size", cfg.max_codebook_size >= 0, "0 or more"),
+              ("window", cfg.window >= 0, "0 (whole file) or more base tokens"))
+    tok = Tokenizer(cfg.max_subtokens, cfg.max_codebook_size, cfg.no_digit_merges)
+    return cfg, tok, {path: read_ids(path, tok) for path in paths}
+
+
+def main(argv=None):
+    with cli.one_line_errors():
+        cfg, tok, files = setup(sys.argv[1:] if argv is None else argv)
+    return efficiency_report(files, tok, cfg.window, cfg.show)
+
+
+if __name__ == "__main__":
+    main()

@@ -5,8 +5,8 @@ The paper's headline measurements at small scale, on a CPU, printed as markdown 
     python reproduce.py out-cpu out-plain-cpu       # and bits per byte of train.py checkpoints
 
 1. Token efficiency (the paper's Table 2 and merge-size ablation): length ratio codes / base
-   tokens and bytes per token before and after, on code (pycode val) and English prose (prose
-   val + train), for M = 1..5; then codebook size against window length at M = 4.
+   tokens and bytes per token before and after, on code (pycode val) and English prose (pydoc
+   topics: prose val + train), for M = 1..5; then codebook size against window length at M = 4.
 2. Bits per byte of each checkpoint given, on the same fixed validation windows (train.py's
    eval_windows and estimate_loss): the fair yardstick between a plain and a zip2zip model.
 3. Decoding speed, zip2zip against plain, at batch 1 (bench.py's decoding benchmark).
@@ -23,9 +23,9 @@ import numpy as np
 import torch
 
 import bench
-from cli import configure, load_checkpoint
+import cli
 from efficiency import compression_stats
-from zip2zip import Tokenizer
+from zip2zip import Tokenizer, gpt2_bpe
 
 # What the paper reports (Geng et al. 2025), for the comparison
 PAPER = {"code": -0.35, "prose": -0.15, "code_bytes": (4.1, 6.3), "train_mix_m4": 0.689}
@@ -40,17 +40,18 @@ class ReproduceConfig:
     max_tokens: int = 0            # use at most this many base tokens of each data set (0: all; tests)
     train_row: bool = True         # also pycode train at M=4 (the training data; ~10 s)
     eval_windows: int = 96         # validation windows for bits per byte (config/cpu.py's count)
-    eval_batch_size: int = 16
+    eval_batch_size: int = 16      # windows per forward pass: the result does not depend on it
     decode: bool = True            # measure the decoding speed ratio (bench.py's, batch 1)
-    decode_rounds: int = 3
+    decode_rounds: int = 3         # timed rounds of the decoding benchmark: a median of 3 is steady enough
     threads: int = 0               # torch CPU threads; 0: torch's default
 
 
 def data_sets(cfg):
-    """{name: base ids}: code is pycode val; prose is all of prose (val + train: it is small)."""
+    """{name: base ids}: code is pycode val; prose is all of prose, Python's pydoc topics (val +
+    train: it is small)."""
     cut = lambda ids: ids[:cfg.max_tokens] if cfg.max_tokens else ids
     return {"code (pycode val)": cut(np.asarray(bench.load_tokens("pycode", "val"))),
-            "prose (val + train)": cut(np.concatenate([bench.load_tokens("prose", s) for s in ("val", "train")]))}
+            "prose (pydoc topics)": cut(np.concatenate([bench.load_tokens("prose", s) for s in ("val", "train")]))}
 
 
 def efficiency(tok, ids, window):
@@ -85,17 +86,23 @@ def token_efficiency(cfg, sets):
     return ratios
 
 
-def bits_per_byte(cfg, out_dirs, device):
-    """Bits per byte of each checkpoint on the same validation text (train.py's fixed windows)."""
-    from train import estimate_loss, eval_windows
-    print("\n### Bits per byte on fixed validation windows (the same text for every model)\n")
+def load_models(out_dirs, device):
+    """[(path, model, checkpoint, tokenizer)] of the checkpoints given; one that cannot be read is
+    skipped with a line saying why (the others still compare)."""
     models = []
     for path in out_dirs:
         try:
-            model, ckpt = load_checkpoint(path, device)
+            model, ckpt = cli.load_checkpoint(path, device)
             models.append((path, model, ckpt, Tokenizer.for_model(model.config)))
         except (FileNotFoundError, ValueError) as e:
-            print(f"skipped {path}: {e}\n")
+            print(f"skipped {path}: {e}")
+    return models
+
+
+def bits_per_byte(cfg, models):
+    """Bits per byte of each checkpoint on the same validation text (train.py's fixed windows)."""
+    from train import estimate_loss, eval_windows
+    print("\n### Bits per byte on fixed validation windows (the same text for every model)\n")
     if not models:
         print("no checkpoints: train them first (`python train.py`, `python train.py config/plain_cpu.py`), "
               "then `python reproduce.py out-cpu out-plain-cpu`")
@@ -122,7 +129,7 @@ def bits_per_byte(cfg, out_dirs, device):
 
 def compare(ratios, bpb, speed):
     """The paper's figures next to ours, as sentences with the numbers of this run."""
-    code, prose = ratios["code (pycode val)", 4], ratios["prose (val + train)", 4]
+    code, prose = ratios["code (pycode val)", 4], ratios["prose (pydoc topics)", 4]
     print("\n### Against the paper\n")
     print(f"- Code, M=4: sequence length {code - 1:+.0%} (paper: {PAPER['code']:+.0%} with Llama-3, Qwen "
           f"and Phi-4 tokenizers). Prose: {prose - 1:+.0%} (paper, web text: {PAPER['prose']:+.0%}).")
@@ -145,18 +152,32 @@ def compare(ratios, bpb, speed):
               f"{speed['hyper_share']:.1%} of the time on hypertokens (paper: +9% to +48% on an H100).")
 
 
-def main(argv=None):
+def setup(argv):
+    """(settings, data sets, checkpoints or None when none is given, device) from the command
+    line, every one checked: GPT-2's ranks, the data (prepared first if missing), the checkpoints."""
     cfg = ReproduceConfig()
-    try:
-        out_dirs = configure(cfg, sys.argv[1:] if argv is None else argv, presets=False)
-    except ValueError as e:
-        raise SystemExit(f"error: {e}")
+    out_dirs = cli.configure(cfg, argv, presets=False)
+    ints = lambda text: all(x.isdigit() and int(x) > 0 for x in text.split(","))
+    cli.check(cfg, ("window", cfg.window >= 0, "0 (whole data set) or more base tokens"),
+              ("max_codebook_size", cfg.max_codebook_size >= 0, "0 or more"),
+              ("codebook_sizes", ints(cfg.codebook_sizes), "sizes like 64,256,1024"),
+              ("windows", ints(cfg.windows), "window lengths like 1024,4096"),
+              ("max_tokens", cfg.max_tokens >= 0, "0 (all) or more"), ("eval_windows", cfg.eval_windows >= 1, "1 or more"),
+              ("eval_batch_size", cfg.eval_batch_size >= 1, "1 or more"),
+              ("decode_rounds", cfg.decode_rounds >= 1, "1 or more"), ("threads", cfg.threads >= 0, "0 or more"))
+    gpt2_bpe()   # GPT-2's ranks: missing or damaged, say so now, not after the first table
+    device = "cuda" if torch.cuda.is_available() else "cpu"
+    return cfg, data_sets(cfg), load_models(out_dirs, device) if out_dirs else None, device
+
+
+def main(argv=None):
+    with cli.one_line_errors():
+        cfg, sets, models, device = setup(sys.argv[1:] if argv is None else argv)
     if cfg.threads:
         torch.set_num_threads(cfg.threads)
-    device = "cuda" if torch.cuda.is_available() else "cpu"
     t0 = time.perf_counter()
-    ratios = token_efficiency(cfg, data_sets(cfg))
-    bpb = bits_per_byte(cfg, out_dirs, device) if out_dirs else {}
+    ratios = token_efficiency(cfg, sets)
+    bpb = bits_per_byte(cfg, models) if models is not None else {}   # None: no checkpoint given
     speed = None
     if cfg.decode:
         bcfg = bench.BenchConfig(decode_batches="1", rounds=cfg.decode_rounds)

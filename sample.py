@@ -4,10 +4,11 @@ Sample from a trained zip2zip model, with its hypertokens marked.
     python sample.py --out_dir=out --start="def fibonacci(n):" --num_samples=3
     python sample.py --out_dir=out --start=FILE:prompt.py --temperature=0 --color=False
 
-Each sample is printed, prompt included, with every hypertoken marked (alternating colours on a
-terminal, [brackets] otherwise), then what compression bought: how many base tokens the
-generated codes stand for, the length ratio codes / base tokens, the share of hypertokens, and
-text bytes per second. A prompt longer than the context is fine: the decoder keeps the last
+The prompt is printed once, then each sample's continuation in a block of its own, with every
+hypertoken marked (alternating colours on a terminal, otherwise a pair of brackets such as ⟦ ⟧
+that the text does not contain; a legend line says which), then what compression bought: how
+many base tokens the generated codes stand for, the length ratio codes / base tokens, the share
+of hypertokens, and text bytes per second. A prompt longer than the context is fine: the decoder keeps the last
 block_size codes and the whole codebook. An empty prompt starts from <|endoftext|>.
 """
 
@@ -17,7 +18,7 @@ from dataclasses import dataclass
 
 import torch
 
-from cli import configure, load_checkpoint, show
+import cli
 from zip2zip import Tokenizer, lzw_decode, lzw_encode
 
 
@@ -37,43 +38,50 @@ class SampleConfig:
 def read_prompt(start):
     if not start.startswith("FILE:"):
         return start
+    path = start[len("FILE:"):]
     try:
-        with open(start[len("FILE:"):], encoding="utf-8") as f:
+        with open(path, encoding="utf-8") as f:
             return f.read()
-    except (OSError, UnicodeDecodeError) as e:
-        raise SystemExit(f"error: cannot read the prompt file: {e}")
+    except UnicodeDecodeError as e:
+        raise ValueError(f"--start=FILE:{path}: not UTF-8 text ({e.reason} at byte {e.start})") from None
+    except OSError as e:
+        raise ValueError(f"--start=FILE:{path}: cannot read the prompt file ({e.strerror})") from None
+
+
+def setup(argv):
+    """(settings, device, model, tokenizer, prompt text) from the command line, every one checked."""
+    cfg = SampleConfig()
+    extra = cli.configure(cfg, argv, presets=False)
+    if extra:
+        raise ValueError(f"unexpected argument {extra[0]!r} (options are --key=value; see --help)")
+    cli.check(cfg, ("num_samples", cfg.num_samples >= 0, "0 or more"),
+              ("max_new_tokens", cfg.max_new_tokens >= 0, "0 or more"),
+              ("temperature", cfg.temperature >= 0, "0 (greedy) or more"),
+              ("top_k", cfg.top_k >= 0, "0 (all codes) or more"),
+              ("color", cfg.color in (None, True, False), "True or False"))
+    device = cli.device(cfg.device)
+    text = read_prompt(cfg.start)
+    model, _ = cli.load_checkpoint(cfg.out_dir, device)
+    return cfg, device, model, Tokenizer.for_model(model.config), text
 
 
 def main(argv=None):
-    cfg = SampleConfig()
-    try:
-        extra = configure(cfg, sys.argv[1:] if argv is None else argv, presets=False)
-    except ValueError as e:
-        raise SystemExit(f"error: {e}")
-    if extra:
-        raise SystemExit(f"error: unexpected argument {extra[0]!r} (options are --key=value)")
-    if cfg.color not in (None, True, False):
-        raise SystemExit(f"error: --color is True or False, not {cfg.color!r}")
-    device = ("cuda" if torch.cuda.is_available() else "cpu") if cfg.device == "auto" else cfg.device
-    if device.startswith("cuda") and not torch.cuda.is_available():
-        raise SystemExit(f"error: --device={device}: CUDA is not available here")
-    try:
-        model, _ = load_checkpoint(cfg.out_dir, device)
-        tok = Tokenizer.for_model(model.config)
-    except (FileNotFoundError, ValueError) as e:
-        raise SystemExit(f"error: {e}")
+    with cli.one_line_errors():
+        cfg, device, model, tok, text = setup(sys.argv[1:] if argv is None else argv)
     model.eval()
     color = sys.stdout.isatty() if cfg.color is None else cfg.color
     settings = (tok.vocab_size, tok.max_codebook_size, tok.max_subtokens, tok.disabled_ids)
 
     # Every training document follows an <|endoftext|>, so the prompt does too. It is a wall:
     # it makes no entry, so the codes after it decode (and are shown) exactly as on their own.
-    ids = [tok.eot] + tok.encode_base(read_prompt(cfg.start))
+    ids = [tok.eot] + tok.encode_base(text)
     prompt = lzw_encode(ids, *settings)
     c = model.config
     print(f"model: {model.get_num_params() / 1e6:.1f}M parameters, M={c.max_subtokens}, "
           f"C={c.max_codebook_size}, context {c.block_size} codes; prompt: {len(ids) - 1} base tokens "
           f"in {len(prompt) - 1} codes")
+    if len(prompt) > 1:   # the prompt once, apart from what the model writes after it
+        print(f"=== prompt ===\n{cli.show(tok, prompt[1:], color)}")
 
     torch.manual_seed(cfg.seed)
     for i in range(cfg.num_samples):
@@ -85,10 +93,11 @@ def main(argv=None):
         new = row[len(prompt):]                            # the generated codes
         base = lzw_decode(row, *settings)[len(ids):]       # the base tokens they stand for
         n_bytes, n_hyper = tok.n_bytes(base), sum(code >= tok.vocab_size for code in new)
-        print(show(tok, row[1:], color))
+        # the continuation alone, decoded with the codebook the prompt built
+        print(f"=== sample {i + 1}/{cfg.num_samples} ===\n{cli.show(tok, row[1:], color, len(prompt) - 1)}")
         print(f"--- sample {i + 1}/{cfg.num_samples}: {len(new)} codes for {len(base)} base tokens "
               f"(length ratio {len(new) / max(len(base), 1):.2f}), {n_hyper / max(len(new), 1):.0%} "
-              f"hypertokens, {n_bytes:,} bytes in {seconds:.2f} s = {n_bytes / seconds:,.0f} bytes/s")
+              f"hypertokens, {n_bytes:,} bytes in {seconds:.2f} s = {n_bytes / max(seconds, 1e-9):,.0f} bytes/s")
 
 
 if __name__ == "__main__":

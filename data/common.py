@@ -47,13 +47,15 @@ def split_keys(keys, val_fraction=0.1):
     goes to val, still a choice that does not depend on the order of `keys`.
     """
     keys = sorted(keys)
-    assert len(keys) >= 2, "need at least two documents to make a train and a val split"
+    if len(keys) < 2:
+        raise ValueError(f"{len(keys)} documents: a train and a val split need at least two")
     val = [k for k in keys if is_val(k, val_fraction)]
     if not val:
         val = [min(keys, key=_unit_hash)]
     val_set = set(val)
     train = [k for k in keys if k not in val_set]
-    assert train, "every document landed in val; lower val_fraction"
+    if not train:
+        raise ValueError("every document landed in val; lower val_fraction")
     return train, val
 
 # -----------------------------------------------------------------------------

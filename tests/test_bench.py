@@ -3,6 +3,7 @@ every figure of its JSON."""
 import json
 import math
 import random
+import re
 
 import pytest
 import torch
@@ -80,11 +81,21 @@ def test_quick_run_writes_every_figure(tmp_path, capsys):
         assert data["kernels"] == "skipped: no CUDA" and "skipped: no CUDA" in out
     for heading in ("codec:", "decoding:", "training:", "kernels:"):
         assert heading in out
+    # the codec table's columns stay apart, whatever a cell holds ("not installed" is wide)
+    header = next(line for line in out.splitlines() if line.lstrip().startswith("ours"))
+    assert header.split() == ["ours", "naive", "rust", "ours/naive", "ours/rust", "target"]
+    row = next(line for line in out.splitlines() if line.startswith("encode, 8 x 1"))
+    cells = re.split(" {2,}", row)                      # a cell holds single spaces at most
+    assert len(cells) == 7 and cells[0] == "encode, 8 x 1" and cells[-1] == ">= 0.6x rust"
 
 
-def test_bad_options():
-    for argv, message in ((["--parts=codec,nope"], "unknown parts"), (["--bogus=1"], "unknown key"),
-                          (["stray"], "unexpected argument")):
+def test_bad_options(tmp_path):
+    for argv, message in ((["--parts=codec,nope"], "--parts=codec,nope: unknown parts ['nope']"),
+                          (["--bogus=1"], "unknown key"), (["stray"], "unexpected argument"),
+                          (["--rounds=0"], "--rounds=0: expected 1 or more"),
+                          (["--decode_batches=1,x"], "--decode_batches=1,x: expected batch sizes like 1,8"),
+                          (["--device=gpu"], "--device=gpu: unknown device"),
+                          ([f"--json={tmp_path}/no/such/folder/b.json"], "expected a file in a folder that exists")):
         with pytest.raises(SystemExit) as e:
             bench.main(argv)
         assert str(e.value).startswith("error: ") and message in str(e.value)
@@ -116,3 +127,14 @@ def test_reproduce_small(tmp_path, capsys):
     assert f"skipped {tmp_path / 'none'}: no checkpoint" in out
     assert out.count(f"| {tmp_path / 'm'}") == 2 and "- Bits per byte: zip2zip" in out
     assert "- Code, M=4: sequence length" in out
+    assert len([line for line in out.splitlines() if line.startswith("| prose (pydoc topics) |")]) == 5
+
+
+def test_reproduce_bad_options():
+    import reproduce
+    for argv, message in ((["--codebook_sizes=64,x"], "--codebook_sizes=64,x: expected sizes like 64,256,1024"),
+                          (["--windows=0"], "--windows=0: expected window lengths"),
+                          (["--eval_windows=0"], "--eval_windows=0: expected 1 or more"), (["--bogus=1"], "unknown key")):
+        with pytest.raises(SystemExit) as e:
+            reproduce.main(argv)
+        assert str(e.value).startswith("error: ") and message in str(e.value)

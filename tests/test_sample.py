@@ -8,6 +8,7 @@ import sys
 import pytest
 import torch
 
+import cli
 import sample
 from zip2zip import GPT, GPTConfig, Tokenizer, lzw_decode
 
@@ -45,15 +46,27 @@ def tok():
 def test_colour_and_stats(capsys, ckpt, tok, color):
     args = [f"--start={CODE}"] + ([] if color is None else [f"--color={color}"])
     out = run(capsys, ckpt, *args)
-    # each sample shows its prompt with its hypertokens marked: ANSI colours when asked for,
-    # [brackets] otherwise (captured output is not a terminal, so that is also the default)
-    shown = sample.show(tok, tok.encode(CODE), color=color is True)
-    assert "[" in sample.show(tok, tok.encode(CODE), color=False)   # there are hypertokens to mark
-    assert out.count(shown) == 2
+    # the prompt is shown once, in its own block, with its hypertokens marked: ANSI colours when
+    # asked for, a pair of marks otherwise (captured output is not a terminal: also the default)
+    shown = cli.show(tok, tok.encode(CODE), color=color is True)
+    assert "⟦" in cli.show(tok, tok.encode(CODE), color=False)   # there are hypertokens to mark
+    assert out.count(shown) == 1 and out.index("=== prompt ===\n" + shown) < out.index("=== sample 1/2 ===")
     assert ("\x1b[" in out) == (color is True)
     stats = STATS.findall(out)
     assert [s[0] for s in stats] == ["1", "2"] and all(s[1] == "6" for s in stats)
     assert all(int(s[2]) >= 6 for s in stats)             # each code stands for >= 1 base token
+
+
+def test_samples_show_the_continuation_alone(capsys, ckpt, tok):
+    # greedy, so the continuation is known: each sample block holds it, not the prompt again
+    out = run(capsys, ckpt, f"--start={CODE}", "--temperature=0", "--color=False")
+    model, _ = cli.load_checkpoint(ckpt)
+    row = model.generate([tok.encode("<|endoftext|>" + CODE)], 6, temperature=0)[0]
+    text = tok.decode(row)[len("<|endoftext|>" + CODE):]
+    block = out.split("=== sample 1/2 ===\n")[1].split("\n--- sample 1/2")[0]
+    if block.startswith("hypertokens are shown"):        # the legend, when there is a hypertoken
+        block = block.split("\n", 1)[1]
+    assert block.replace("⟦", "").replace("⟧", "") == text
 
 
 def test_same_seed_same_samples(capsys, ckpt):
@@ -75,14 +88,14 @@ def test_file_prompt_longer_than_the_context(capsys, ckpt, tok, tmp_path):
     out = run(capsys, ckpt, f"--start=FILE:{path}", "--color=False")
     n_codes = int(re.search(r"prompt: \d+ base tokens in (\d+) codes", out).group(1))
     assert n_codes > 32                                    # longer than block_size
-    assert out.count(sample.show(tok, tok.encode(text), color=False)) == 2 and len(STATS.findall(out)) == 2
+    assert out.count(cli.show(tok, tok.encode(text), color=False)) == 1 and len(STATS.findall(out)) == 2
 
 
 def test_stats_count_the_generated_text(capsys, ckpt, tok):
     # greedy: the sample is reproducible, so its base tokens can be recounted here
     out = run(capsys, ckpt, f"--start={CODE}", "--temperature=0", "--num_samples=1")
     n_codes, n_base = map(int, re.search(r"(\d+) codes for (\d+) base tokens", out).groups())
-    model, _ = sample.load_checkpoint(ckpt)
+    model, _ = cli.load_checkpoint(ckpt)
     prompt = tok.encode("<|endoftext|>" + CODE)
     row = model.generate([prompt], 6, temperature=0)[0]
     assert n_codes == 6 and n_base == len(lzw_decode(row, tok.vocab_size, 1024, 4, tok.disabled_ids)) \
@@ -98,11 +111,18 @@ def test_digit_disabled_checkpoint(capsys, tmp_path):
 
 @pytest.mark.parametrize("args,message", [
     (["--out_dir=/nonexistent/out"], "no checkpoint at"),
-    (["--start=FILE:/nonexistent/prompt.txt"], "cannot read the prompt file"),
+    (["--start=FILE:/nonexistent/prompt.txt"], "--start=FILE:/nonexistent/prompt.txt: cannot read the prompt file"),
     (["--bogus=1"], "unknown key 'bogus'"),
-    (["--color=maybe"], "--color is True or False"),
+    (["--color=maybe"], "--color=maybe: expected True or False"),
     (["positional"], "unexpected argument"),
-] + ([(["--device=cuda"], "CUDA is not available")] if not torch.cuda.is_available() else []))
+    (["--top_k=-1"], "--top_k=-1: expected 0 (all codes) or more"),
+    (["--temperature=-0.5"], "--temperature=-0.5: expected 0 (greedy) or more"),
+    (["--num_samples=-1"], "--num_samples=-1: expected 0 or more"),
+    (["--max_new_tokens=-1"], "--max_new_tokens=-1: expected 0 or more"),
+    (["--device=gpu"], "--device=gpu: unknown device"),
+    # the device is checked before the checkpoint is read: a bad device never blames the file
+    (["--device=gpu", "--out_dir=/nonexistent/out"], "--device=gpu: unknown device"),
+] + ([(["--device=cuda"], "--device=cuda: CUDA is not available")] if not torch.cuda.is_available() else []))
 def test_clear_errors(ckpt, args, message):
     with pytest.raises(SystemExit) as e:
         sample.main([f"--out_dir={ckpt}", *args])

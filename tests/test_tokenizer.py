@@ -5,8 +5,9 @@ import sysconfig
 import numpy as np
 import pytest
 
+import efficiency
 from cli import show
-from efficiency import compression_stats, efficiency_report
+from efficiency import compression_stats
 from zip2zip import Tokenizer
 
 
@@ -86,7 +87,9 @@ def test_segments_and_show(tok):
     assert "".join(s for _, s in segs) == text
     assert any(c >= tok.vocab_size for c, _ in segs)
     plain = show(tok, codes, color=False)
-    assert plain.replace("[", "").replace("]", "") == text and "[" in plain
+    legend, body = plain.split("\n", 1)
+    assert legend == "hypertokens are shown ⟦like this⟧" and "⟦" in body
+    assert body.replace("⟦", "").replace("⟧", "") == text
     coloured = show(tok, codes, color=True)
     assert "\x1b[" in coloured
     # a multi-byte character split across two base tokens is shown whole, once
@@ -102,11 +105,35 @@ def test_compression_stats_and_report(tok, tmp_path, capsys):
     assert s["codes"] >= compression_stats(tok, ids, window=0)["codes"]
     path = tmp_path / "a.bin"
     np.array(ids, dtype=np.uint16).tofile(path)
-    total = efficiency_report([str(path)], 4, 1024, 64)
-    assert total == s
-    assert "total" in capsys.readouterr().out
-    with pytest.raises(SystemExit, match="not a file"):
-        efficiency_report([str(tmp_path / "missing.txt")])
+    (tmp_path / "a.py").write_text(tok.decode_base(ids))
+    total = efficiency.main([str(path), str(tmp_path / "a.py"), "--window=64", "--show=True"])
+    assert total == {k: 2 * v for k, v in s.items()}      # the .bin and the text are the same text
+    out = capsys.readouterr().out
+    # the table (header, two files, total), then each file's first window with its hypertokens marked
+    lines = out.splitlines()
+    assert lines[1].split() == ["file", "bytes", "base", "codes", "B/base", "B/code", "ratio"]
+    assert [line.split()[0] for line in lines[2:5]] == [str(path), str(tmp_path / "a.py"), "total"]
+    assert lines[6] == f"=== {path}, first window ===" and lines[7] == "hypertokens are shown ⟦like this⟧"
+
+
+def test_report_refuses_what_is_not_ids_or_utf8_text(tmp_path):
+    files = {"latin1.txt": "café au lait\n".encode("latin-1"), "image.png": b"\x89PNG\r\n\x1a\n\0\0\0\rIHDR",
+             "odd.bin": b"\x01\x00\x02", "empty.bin": b"", "big.bin": np.array([1, 50256, 60000], np.uint16).tobytes()}
+    for name, data in files.items():
+        (tmp_path / name).write_bytes(data)
+    for argv, message in [
+            (["latin1.txt"], "latin1.txt: not UTF-8 text (byte 0xe9 at offset 3; Latin-1 or another encoding?"),
+            (["image.png"], "image.png: a binary file, not text"),
+            (["odd.bin"], "odd.bin: 3 bytes, an odd number: not uint16 ids"),
+            (["empty.bin"], "empty.bin: an empty .bin file"),
+            (["big.bin"], "big.bin: id 60000 at position 2; GPT-2 ids are < 50257"),
+            (["missing.txt"], "missing.txt: not a file"),
+            (["latin1.txt", "--window=-1"], "--window=-1: expected 0 (whole file) or more"),
+            (["latin1.txt", "--max_subtokens=0"], "--max_subtokens=0: expected 1 (plain BPE) or more"),
+            ([], "no FILE given")]:
+        with pytest.raises(SystemExit) as e:
+            efficiency.main([str(tmp_path / a) if not a.startswith("--") else a for a in argv])
+        assert str(e.value).startswith("error: ") and message in str(e.value) and "\n" not in str(e.value)
 
 
 def test_shipped_ranks_are_tiktokens_r50k_base(tmp_path):

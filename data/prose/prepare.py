@@ -3,6 +3,7 @@ Prepare a small English prose set, offline: the help topics of the Python docume
 ship with every Python install (pydoc_data.topics.topics, a dict {topic key: text}).
 
     python data/prose/prepare.py
+    python data/prose/prepare.py --out_dir=/tmp/prose
 
 writes train.bin, val.bin (np.uint16 GPT-2 token ids, one <|endoftext|> before each topic) and
 meta.json next to this script. About 10% of the topics go to val, chosen by a hash of the topic
@@ -12,6 +13,7 @@ key (see data/common.py). The counts depend on the Python version; see the end o
 import os
 import sys
 import time
+from dataclasses import dataclass
 from pathlib import Path
 
 if __package__ in (None, ""):
@@ -39,10 +41,27 @@ def prepare(out_dir=None, topics=None, val_fraction=0.1):
         extra={"val_fraction": val_fraction},
     )
 
-if __name__ == "__main__":
-    t0 = time.time()
-    prepare()
+@dataclass
+class PrepareConfig:
+    out_dir: str = ""             # where train.bin, val.bin and meta.json go; "": next to this script
+    val_fraction: float = 0.1     # share of topics in val: ~11 of 79, the most a set this small spares
+
+def main(argv=None):
+    import cli   # here, not at the top: preparing data needs no torch, only this command line does
+    cfg = PrepareConfig()
+    # preparing is reading and writing files: each of its expected failures (an unwritable
+    # out_dir, GPT-2's ranks) is one line; the checks in write_splits stay asserts
+    with cli.one_line_errors():
+        extra = cli.configure(cfg, sys.argv[1:] if argv is None else argv, presets=False)
+        if extra:
+            raise ValueError(f"unexpected argument {extra[0]!r} (options are --key=value; see --help)")
+        cli.check(cfg, ("val_fraction", 0 < cfg.val_fraction < 1, "a fraction between 0 and 1"))
+        t0 = time.time()
+        prepare(cfg.out_dir or None, val_fraction=cfg.val_fraction)
     print(f"done in {time.time() - t0:.1f}s")
+
+if __name__ == "__main__":
+    main()
 
 # Counts from one run on Python 3.11.7 (its pydoc_data.topics: 79 topics; other versions give
 # other numbers), 0.3 s.

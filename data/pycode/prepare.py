@@ -3,6 +3,7 @@ Prepare the Python standard library's own .py files as a code data set, offline.
 Every Python install carries them, so this needs no download:
 
     python data/pycode/prepare.py
+    python data/pycode/prepare.py --stdlib_dir=/path/to/Lib --out_dir=/tmp/pycode
 
 writes train.bin, val.bin (np.uint16 GPT-2 token ids, one <|endoftext|> before each file) and
 meta.json next to this script. About 10% of the files go to val, chosen by a hash of the file's
@@ -13,6 +14,7 @@ import os
 import sys
 import sysconfig
 import time
+from dataclasses import dataclass
 from pathlib import Path
 
 if __package__ in (None, ""):
@@ -25,10 +27,16 @@ from data.common import split_keys, write_splits
 
 SKIP_DIRS = {"site-packages", "dist-packages", "__pycache__"}  # third-party code and bytecode
 
+def _raise(error):
+    raise error
+
 def find_py_files(root):
-    """Relative POSIX paths of all .py files under root, sorted, outside SKIP_DIRS."""
+    """Relative POSIX paths of all .py files under root, sorted, outside SKIP_DIRS. A folder that
+    cannot be read is an OSError (os.walk would skip it silently: a data set quietly smaller)."""
+    if not os.path.isdir(root):
+        raise NotADirectoryError(f"{root}: not a folder")
     paths = []
-    for dirpath, dirnames, filenames in os.walk(root):
+    for dirpath, dirnames, filenames in os.walk(root, onerror=_raise):
         dirnames[:] = [d for d in dirnames if d not in SKIP_DIRS]  # prune in place: never descend
         for fn in filenames:
             if fn.endswith(".py"):
@@ -63,10 +71,29 @@ def prepare(out_dir=None, stdlib_dir=None, val_fraction=0.1, num_threads=8):
         num_threads=num_threads,
     )
 
-if __name__ == "__main__":
-    t0 = time.time()
-    prepare()
+@dataclass
+class PrepareConfig:
+    stdlib_dir: str = ""          # the folder of .py files to read; "": this Python's standard library
+    out_dir: str = ""             # where train.bin, val.bin and meta.json go; "": next to this script
+    val_fraction: float = 0.1     # share of files in val: ~170 files, enough for a steady val loss
+
+def main(argv=None):
+    import cli   # here, not at the top: preparing data needs no torch, only this command line does
+    cfg = PrepareConfig()
+    # preparing is reading and writing files: each of its expected failures (a missing or
+    # unreadable folder, GPT-2's ranks) is one line; the checks in write_splits stay asserts
+    with cli.one_line_errors():
+        extra = cli.configure(cfg, sys.argv[1:] if argv is None else argv, presets=False)
+        if extra:
+            raise ValueError(f"unexpected argument {extra[0]!r} (options are --key=value; see --help)")
+        cli.check(cfg, ("val_fraction", 0 < cfg.val_fraction < 1, "a fraction between 0 and 1"),
+                  ("stdlib_dir", not cfg.stdlib_dir or os.path.isdir(cfg.stdlib_dir), "a folder"))
+        t0 = time.time()
+        prepare(cfg.out_dir or None, cfg.stdlib_dir or None, cfg.val_fraction)
     print(f"done in {time.time() - t0:.1f}s")
+
+if __name__ == "__main__":
+    main()
 
 # Counts from one run on Python 3.11.7 (its standard library; other versions give other numbers),
 # 1790 .py files found, 4 skipped as not UTF-8, 7 s on 2 CPU cores.

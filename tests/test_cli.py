@@ -1,0 +1,227 @@
+"""cli.py and the first use of every script: --help, one-line errors for bad input, checkpoints
+that cannot run code, the device, tables, and how hypertokens are marked."""
+import dataclasses
+import os
+import re
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+import torch
+
+import bench
+import cli
+import efficiency
+import reproduce
+import sample
+import zip2zip
+from data.prose import prepare as prose_prepare
+from data.pycode import prepare as pycode_prepare
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+@dataclasses.dataclass
+class Example:
+    # a section
+    name: str = "a # b"     # the comment, not the "#" in the string
+    size: int = 3           # a comment that
+                            #   goes on
+    bare: float = 0.5
+    # another section
+    flag: bool = False      # last
+
+
+def test_field_comments_read_the_source():
+    assert cli.field_comments(Example) == [(None, "a section"), ("name", "the comment, not the \"#\" in the string"),
+                                           ("size", "a comment that goes on"), ("bare", ""),
+                                           (None, "another section"), ("flag", "last")]
+
+
+SCRIPTS = {"sample": (sample, sample.SampleConfig), "bench": (bench, bench.BenchConfig),
+           "efficiency": (efficiency, efficiency.ReportConfig), "reproduce": (reproduce, reproduce.ReproduceConfig),
+           "pycode": (pycode_prepare, pycode_prepare.PrepareConfig), "prose": (prose_prepare, prose_prepare.PrepareConfig)}
+
+
+@pytest.mark.parametrize("name", SCRIPTS)
+@pytest.mark.parametrize("flag", ["--help", "-h"])
+def test_help(capsys, name, flag):
+    module, config = SCRIPTS[name]
+    with pytest.raises(SystemExit) as e:
+        module.main(["--bogus=1", flag])                  # help wins over a bad setting
+    assert e.value.code == 0
+    out = capsys.readouterr().out
+    summary, usage = module.__doc__.strip().split("\n\n")[0], [line for line in module.__doc__.splitlines()
+                                                                if line.strip().startswith("python ")]
+    assert out.startswith(summary) and usage and all(line in out for line in usage)
+    comments = dict(cli.field_comments(config))
+    for field in dataclasses.fields(config):             # every setting, its default, its comment
+        line = next(line for line in out.splitlines() if line.startswith(f"  --{field.name}="))
+        assert line.startswith(f"  --{field.name}={cli._typed(field.default)} ")
+        assert comments[field.name] and line.endswith(comments[field.name])   # every default has its reason
+
+
+def test_help_of_train_as_a_command():
+    # train.py gets --help from cli.configure: its TrainConfig, with config/cpu.py applied on a CPU
+    r = subprocess.run([sys.executable, os.path.join(REPO, "train.py"), "--help"], capture_output=True, text=True,
+                       cwd=REPO, env={**os.environ, "OMP_NUM_THREADS": "1"})
+    assert r.returncode == 0 and r.stderr == ""
+    for line in ("usage:", "    python train.py config/plain_cpu.py", "  # AdamW",
+                 "M: longest hypertoken; 1 = the plain GPT; the paper finds 3..5 close"):
+        assert line in r.stdout
+
+
+# -----------------------------------------------------------------------------
+# one-line errors
+
+
+def test_one_line_errors_turns_only_expected_failures_into_a_line():
+    for error in (ValueError("--x=1: expected 2"), FileNotFoundError("no file f")):
+        with pytest.raises(SystemExit) as e, cli.one_line_errors():
+            raise error
+        assert str(e.value) == f"error: {error}"
+    with pytest.raises(KeyError), cli.one_line_errors():   # a bug keeps its traceback
+        raise KeyError("bug")
+
+
+def test_check_names_the_setting():
+    cfg = sample.SampleConfig(top_k=-3)
+    cli.check(cfg, ("num_samples", cfg.num_samples >= 0, "0 or more"))
+    with pytest.raises(ValueError, match=r"^--top_k=-3: expected 0 or more$"):
+        cli.check(cfg, ("num_samples", True, "0 or more"), ("top_k", cfg.top_k >= 0, "0 or more"))
+
+
+def test_device():
+    assert cli.device("auto") == ("cuda" if torch.cuda.is_available() else "cpu") and cli.device("cpu") == "cpu"
+    for name, message in [("gpu", "unknown device"), ("cuda:x", "unknown device"), ("meta", "not supported")] + \
+            ([("cuda", "CUDA is not available here"), ("cuda:1", "CUDA is not available here")]
+             if not torch.cuda.is_available() else []):
+        with pytest.raises(ValueError, match=f"^--device={name}: {message}"):
+            cli.device(name)
+
+
+@pytest.fixture
+def no_ranks(tmp_path, monkeypatch):
+    monkeypatch.setattr(zip2zip, "RANKS", str(tmp_path / "missing" / "r50k_base.tiktoken"))
+
+
+def tiny_checkpoint(path):
+    cfg = zip2zip.GPTConfig(n_layer=1, n_head=2, n_embd=32, block_size=32)
+    torch.save({"model": zip2zip.GPT(cfg).state_dict(), "model_args": dataclasses.asdict(cfg)}, path)
+    return str(path)
+
+
+def test_missing_ranks_is_one_line_in_every_script(no_ranks, tmp_path):
+    text = tmp_path / "a.txt"
+    text.write_text("x = 1\n")
+    for main, argv in ((sample.main, [f"--out_dir={tiny_checkpoint(tmp_path / 'ckpt.pt')}"]),
+                       (bench.main, ["--quick=True", "--parts=codec"]), (efficiency.main, [str(text)]),
+                       (reproduce.main, ["--max_tokens=100", "--decode=False"]),
+                       (prose_prepare.main, [f"--out_dir={tmp_path / 'prose'}"])):
+        with pytest.raises(SystemExit) as e:
+            main(argv)
+        message = str(e.value)
+        assert message.startswith("error: GPT-2's BPE ranks (r50k_base) are missing") and "\n" not in message
+    assert not (tmp_path / "prose").exists()
+
+
+def test_prepare_errors(tmp_path):
+    (tmp_path / "one").mkdir()
+    (tmp_path / "one" / "a.py").write_text("x = 1\n")
+    for argv, message in [([f"--stdlib_dir={tmp_path / 'none'}"], f"--stdlib_dir={tmp_path / 'none'}: expected a folder"),
+                          ([f"--stdlib_dir={tmp_path / 'one'}"], "1 documents: a train and a val split need at least two"),
+                          (["--val_fraction=1.5"], "--val_fraction=1.5: expected a fraction between 0 and 1"),
+                          (["stray"], "unexpected argument 'stray'")]:
+        with pytest.raises(SystemExit) as e:
+            pycode_prepare.main([*argv, f"--out_dir={tmp_path / 'out'}"])
+        assert str(e.value) == f"error: {message}" if "stray" not in argv else message in str(e.value)
+    assert not (tmp_path / "out").exists()
+
+
+# -----------------------------------------------------------------------------
+# checkpoints
+
+
+class RunsCode:
+    """A pickle that calls open(marker, "w") when it is loaded: what a crafted ckpt.pt can do."""
+
+    def __init__(self, marker):
+        self.marker = marker
+
+    def __reduce__(self):
+        return (open, (self.marker, "w"))
+
+
+def test_checkpoint_that_would_run_code_is_refused(tmp_path):
+    marker = tmp_path / "it-ran"
+    path = tmp_path / "ckpt.pt"
+    torch.save({"model": RunsCode(str(marker)), "model_args": {}}, path)
+    with pytest.raises(SystemExit) as e:
+        sample.main([f"--out_dir={tmp_path}"])
+    message = str(e.value)
+    assert message.startswith(f"error: {str(path)!r} refused: it holds io.open, which loading would call")
+    assert "\n" not in message
+    assert not marker.exists()                            # the code did not run
+
+
+def test_train_checkpoint_loads_with_weights_only(tmp_path, capsys):
+    # what train.py saves (optimizer state, its config, counters, metrics) is plain data
+    import train
+    tok = zip2zip.Tokenizer(4, 1024)
+    text = open(os.path.join(os.path.dirname(os.__file__), "textwrap.py"), encoding="utf-8").read()
+    for split, part in (("train", text), ("val", text[:4000])):
+        np.array([tok.eot] + tok.bpe.encode_ordinary(part), dtype=np.uint16).tofile(tmp_path / f"{split}.bin")
+    out = tmp_path / "out"
+    train.main([f"--dataset={tmp_path}", f"--out_dir={out}", "--n_layer=1", "--n_head=2", "--n_embd=16",
+                "--block_size=16", "--batch_size=2", "--gradient_accumulation_steps=1", "--eval_windows=2",
+                "--eval_interval=2", "--max_seconds=0", "--max_iters=2", "--warmup_iters=1", "--lr_decay_iters=2",
+                "--sample_tokens=0", "--loader=sync", "--compile=False"])
+    model, ckpt = cli.load_checkpoint(str(out))
+    assert ckpt["iter_num"] == 2 and "optimizer" in ckpt and model.config.n_embd == 16
+    sample.main([f"--out_dir={out}", "--num_samples=1", "--max_new_tokens=2"])
+    assert "--- sample 1/1: 2 codes" in capsys.readouterr().out
+
+
+# -----------------------------------------------------------------------------
+# output
+
+
+def test_table_keeps_columns_apart():
+    lines = cli.table([["", "ours", "rust"], ["encode", "4.31M", "not installed"], ["decode", "12.0k", "-"]])
+    assert lines == ["         ours           rust",
+                     "encode  4.31M  not installed",
+                     "decode  12.0k              -"]
+
+
+@pytest.fixture(scope="module")
+def tok():
+    return zip2zip.Tokenizer(4, 1024)
+
+
+def unmark(shown, left, right):
+    return shown.split("\n", 1)[1].replace(left, "").replace(right, "")
+
+
+def test_show_marks_cannot_be_taken_for_the_text(tok):
+    code = "xs[i] = xs[i] + ys[i]\nxs[i] = xs[i] + ys[i]\n"
+    shown = cli.show(tok, tok.encode(code), color=False)
+    assert shown.startswith("hypertokens are shown ⟦like this⟧\n") and "⟦" in shown.split("\n", 1)[1]
+    assert unmark(shown, "⟦", "⟧") == code                # the text's own brackets are untouched
+    # a text that holds the first pair of marks gets the next one
+    code = "a = '⟦⟧'\n" + code
+    shown = cli.show(tok, tok.encode(code), color=False)
+    assert shown.startswith("hypertokens are shown ⟪like this⟫\n") and unmark(shown, "⟪", "⟫") == code
+    coloured = cli.show(tok, tok.encode(code), color=True)   # colours need no marks
+    assert re.sub("\x1b\\[[0-9;]*m", "", coloured) == "hypertokens are shown like this\n" + code
+    assert "\x1b[41;97m" in coloured and "\x1b[44;97m" in coloured
+    assert cli.show(tok, tok.encode("no repeats"), color=False) == "no repeats"    # nothing to mark, no legend
+
+
+def test_show_skips_the_prompt(tok):
+    prompt, more = "def f(x):\n    return x\n", "\ndef f(x):\n    return x\n"
+    codes = tok.encode(prompt + more)
+    n = len(tok.encode(prompt))
+    assert tok.segments(codes[:n]) == tok.segments(codes)[:n]    # the split falls between two codes
+    shown = cli.show(tok, codes, color=False, skip=n)
+    assert unmark(shown, "⟦", "⟧") == more and "⟦" in shown.split("\n", 1)[1]   # decoded with the prompt's codebook

@@ -32,7 +32,7 @@ import sys
 import threading
 import time
 from contextlib import nullcontext
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, fields
 
 import numpy as np
 import torch
@@ -190,7 +190,7 @@ def get_batch(data, job, j):
     return build_batch(data, starts, c.block_size, c, job["byte_lengths"])
 
 
-HYPER_FIELDS = ("contents", "lengths", "entries", "n_installed", "pending")
+HYPER_FIELDS = tuple(f.name for f in fields(HyperBatch))   # what a worker sends, in order
 
 
 def _produce(out, stop, path, job, worker, n_workers):

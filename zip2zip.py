@@ -27,8 +27,7 @@ reports for the scripts are in cli.py and efficiency.py.)
 import codecs
 import math
 import os
-import time
-from dataclasses import dataclass, replace
+from dataclasses import dataclass, fields, replace
 
 import numpy as np
 
@@ -62,6 +61,7 @@ class LZW:
         self.V, self.C, self.M = vocab_size, max_codebook_size, max_subtokens
         self.disabled = frozenset(int(d) for d in disabled_ids)
         self.entries = []   # entries[i]: tuple of base ids of hypertoken V+i
+        self.parents = []   # parents[i]: code of the match that entry i extended by one base id
         # The codebook as a trie: edge key code*V + t -> code of that match extended by base id t.
         # An int key is much faster to hash than a tuple, and the match is carried as its code.
         self.edges = {}
@@ -75,7 +75,7 @@ class LZW:
     def feed(self, ids, out):
         """Advance the encoder over base ids, appending every code it emits to the list `out`."""
         V, C, M, D = self.V, self.C, self.M, self.disabled
-        edges, entries, emit = self.edges, self.entries, out.append
+        edges, entries, parents, emit = self.edges, self.entries, self.parents, out.append
         follow = edges.get                      # bound once: this loop is the codec's hot path
         code, length, n = self.code, self.length, len(self.entries)
         for t in ids:
@@ -97,6 +97,7 @@ class LZW:
                 if n < C:
                     edges[code * V + t] = V + n
                     entries.append(((code,) if code < V else entries[code - V]) + (t,))
+                    parents.append(code)
                     n += 1
                 emit(code)
             code, length = t, 1                 # a single base id always matches
@@ -114,6 +115,13 @@ class LZW:
     @property
     def n_entries(self):
         return len(self.entries)
+
+    def copy(self):
+        """An independent copy of this state (entries are tuples: shared safely)."""
+        new = LZW.__new__(LZW)
+        new.__dict__.update(self.__dict__, entries=list(self.entries), parents=list(self.parents),
+                            edges=dict(self.edges))
+        return new
 
     def pending(self):
         """Content of the pending id V + n_entries, or None when the next code cannot be it.
@@ -144,18 +152,19 @@ class LZW:
                          f"hypertoken < {self.V + n}, or the pending id {self.V + n} when one exists")
 
     def trace(self, codes):
-        """Decode codes; after each, record the number of installed entries and the code of the
-        match whose pending extension (see pending()) is possible, or -1. The fast path of
-        push() + pending() for whole sequences (the model needs both at every position)."""
+        """Decode codes; after each, record the number of installed entries, the code of the
+        current match (-1: none), and whether the pending id (see pending()) exists. The fast
+        path of push() + pending() for whole sequences (the model needs them at every position)."""
         V, C, edges, entries, sink = self.V, self.C, self.edges, self.entries, []
-        n_after, pending_after = [], []
+        n_after, match_after, pending_after = [], [], []
         for t, code in enumerate(codes):
             self.feed(self.resolve(code, t) if code >= V else (code,), sink)
             n, cur = len(entries), self.code
-            n_after.append(n)
             first = cur if cur < V else entries[cur - V][0]
-            pending_after.append(cur if cur >= 0 and n < C and cur * V + first not in edges else -1)
-        return n_after, pending_after
+            n_after.append(n)
+            match_after.append(cur)
+            pending_after.append(cur >= 0 and n < C and cur * V + first not in edges)
+        return n_after, match_after, pending_after
 
     def push(self, code, position=None):
         """Decoder step: read one code. Returns (its base ids, the ids of the entries it installed)."""
@@ -172,8 +181,22 @@ def _check_base_ids(ids, vocab_size, offset=0):
                          f"0..{vocab_size - 1}")
 
 
-def _as_list(ids):
-    return ids if isinstance(ids, list) else ids.tolist() if hasattr(ids, "tolist") else list(ids)
+def _as_list(ids, what="ids"):
+    """ids as a list of Python ints. Ids are integers: floats, bools, None or a 2-D array are a
+    TypeError that says so (a float id would otherwise pass through the decoder unnoticed)."""
+    if getattr(ids, "ndim", 1) != 1:
+        raise TypeError(f"{what} must be one-dimensional, got an array of {ids.ndim} dimensions")
+    if not isinstance(ids, list):
+        if not hasattr(ids, "__iter__"):
+            raise TypeError(f"{what} must be a sequence of integers, got {type(ids).__name__}")
+        ids = ids.tolist() if hasattr(ids, "tolist") else list(ids)
+    types = set(map(type, ids))
+    if types - {int}:                                  # rare: numpy ints, or something wrong
+        for i, t in enumerate(ids):
+            if isinstance(t, bool) or not isinstance(t, (int, np.integer)):
+                raise TypeError(f"{what} must be integers, got {t!r} ({type(t).__name__}) at position {i}")
+        ids = [int(t) for t in ids]
+    return ids
 
 
 def lzw_encode(ids, vocab_size, max_codebook_size, max_subtokens, disabled_ids=()):
@@ -190,7 +213,7 @@ def lzw_decode(codes, vocab_size, max_codebook_size, max_subtokens, disabled_ids
     """Expand codes to base ids. Any valid stream decodes, canonical or not:
     [1, 2, 100, 1] -> [1,2,1,2,1], and so does [1, 2, 1, 2, 1]."""
     lzw, ids, fed = LZW(vocab_size, max_codebook_size, max_subtokens, disabled_ids), [], 0
-    for i, code in enumerate(_as_list(codes)):
+    for i, code in enumerate(_as_list(codes, "codes")):
         if 0 <= code < vocab_size:
             ids.append(code)
             continue
@@ -323,16 +346,25 @@ class Tokenizer:
             out[-1] = (out[-1][0], out[-1][1] + utf8.decode(b"", final=True))
         return out
 
+# -----------------------------------------------------------------------------
+# The model needs torch; the codec and the tokenizer above do not.
+
+import torch  # noqa: E402
+import torch.nn as nn  # noqa: E402
+from torch.nn import functional as F  # noqa: E402
+
+import kernels  # noqa: E402
+
 
 # -----------------------------------------------------------------------------
 # What the model needs to know about each row's codebook, position by position
 #
 # The codebook of a row is a function of the row's codes: decode them and record, after each
-# position t, how many entries are installed (n_t) and the pending content (if any). The
-# hyper-encoder output depends only on an entry's base ids, so contents are deduplicated across
-# the whole batch and encoded once. Example (V=100, M=4), one row [7, 100, 101]:
-#   after 7: n=0, pending (7,7) | after 100: n=1 ([7,7]), pending (7,7,7) | after 101: n=2, ...
-#   contents: [(7,7), (7,7,7), ...], entries[0] = [0, 1], pending[0] = [0, 1, ...]
+# position t, how many entries are installed (n_t), the encoder's current match and the pending
+# content (if any). The hyper-encoder output depends only on an entry's base ids, so contents
+# are deduplicated across the whole batch and encoded once. Example (V=100, M=4), row [7, 100]:
+#   after 7: n=0, match 7, pending (7,7) | after 100: n=1 (100=[7,7]), match 100, pending (7,7,7)
+#   contents [(7,7), (7,7,7)]; entries[0] = [0]; parents[0] = [7]; pending[0] = [0, 1]
 
 
 @dataclass
@@ -340,17 +372,20 @@ class HyperBatch:
     contents: "torch.Tensor"     # (U, M) int64: unique base-id contents, padded with 0
     lengths: "torch.Tensor"      # (U,) int64: their lengths, 2..M
     entries: "torch.Tensor"      # (B, K) int64: row b's hypertoken V+j is contents[entries[b, j]]
+    parents: "torch.Tensor"      # (B, K) int64: the code entry j extended by one base id; -2: pad
     n_installed: "torch.Tensor"  # (B, T) int64: entries installed after reading codes 0..t
+    match: "torch.Tensor"        # (B, T) int64: code of the encoder's current match after t; -1: none
     pending: "torch.Tensor"      # (B, T) int64: index of the pending content after t, or -1
 
     def to(self, device):
-        return HyperBatch(*(getattr(self, f).to(device, non_blocking=True) for f in
-                            ("contents", "lengths", "entries", "n_installed", "pending")))
+        """On `device`; through pinned memory to a GPU, so that the copies are asynchronous."""
+        cuda = torch.device(device).type == "cuda"
+        return HyperBatch(*((getattr(self, f.name).pin_memory() if cuda else getattr(self, f.name))
+                            .to(device, non_blocking=cuda) for f in fields(self)))
 
 
 def hyper_batch(rows, vocab_size, max_codebook_size, max_subtokens, disabled_ids=()):
     """Decode each row of codes (a list of lists, all of length T) into a HyperBatch."""
-    import torch
     index, contents = {}, []               # content -> its index in `contents`
 
     def content_id(c):
@@ -359,36 +394,33 @@ def hyper_batch(rows, vocab_size, max_codebook_size, max_subtokens, disabled_ids
             contents.append(c)
         return index[c]
 
-    entries, n_installed, pending = [], [], []
+    entries, parents, n_installed, matches, pending = [], [], [], [], []
     for row in rows:
         lzw = LZW(vocab_size, max_codebook_size, max_subtokens, disabled_ids)
-        n_row, match = lzw.trace(row)
-        ids = {-1: -1}                     # match code -> index of its pending content
-        for m in set(match) - {-1}:
+        n_row, match, has_pending = lzw.trace(row)
+        ids = {}                           # match code -> index of its pending content
+        for m in {m for m, p in zip(match, has_pending) if p}:
             buf = lzw.content(m)
             ids[m] = content_id(buf + (buf[0],))
         entries.append([content_id(e) for e in lzw.entries])
+        parents.append(lzw.parents)
         n_installed.append(n_row)
-        pending.append([ids[m] for m in match])
-    K = max((len(e) for e in entries), default=0)
-    M = max_subtokens
+        matches.append(match)
+        pending.append([ids[m] if p else -1 for m, p in zip(match, has_pending)])
+    K, M, B = max((len(e) for e in entries), default=0), max_subtokens, len(rows)
     tensor = lambda a, *shape: torch.from_numpy(np.array(a, dtype=np.int64).reshape(shape))
     return HyperBatch(
         contents=tensor([c + (0,) * (M - len(c)) for c in contents], -1, M),
         lengths=tensor([len(c) for c in contents], -1),
-        entries=tensor([e + [0] * (K - len(e)) for e in entries], len(rows), K),
-        n_installed=tensor(n_installed, len(rows), -1),
-        pending=tensor(pending, len(rows), -1))
+        entries=tensor([e + [0] * (K - len(e)) for e in entries], B, K),
+        parents=tensor([p + [-2] * (K - len(p)) for p in parents], B, K),
+        n_installed=tensor(n_installed, B, -1),
+        match=tensor(matches, B, -1),
+        pending=tensor(pending, B, -1))
 
 
 # -----------------------------------------------------------------------------
 # The model: nanoGPT's GPT, plus a hyper-encoder for the hypertoken rows
-
-import torch  # noqa: E402  (the codec above runs without torch; the model needs it)
-import torch.nn as nn  # noqa: E402
-from torch.nn import functional as F  # noqa: E402
-
-import kernels  # noqa: E402
 
 
 class LayerNorm(nn.Module):
@@ -408,19 +440,22 @@ class SelfAttention(nn.Module):
 
     def __init__(self, config, causal):
         super().__init__()
-        assert config.n_embd % config.n_head == 0
         self.c_attn = nn.Linear(config.n_embd, 3 * config.n_embd, bias=config.bias)
         self.c_proj = nn.Linear(config.n_embd, config.n_embd, bias=config.bias)
         self.resid_dropout = nn.Dropout(config.dropout)
         self.n_head, self.dropout, self.causal = config.n_head, config.dropout, causal
 
     def forward(self, x, mask=None, cache=None):
-        # mask: (B, 1, T, Tk) bool, True where attention is allowed; cache: a KVCache layer view
+        # mask: (B, 1, T, Tk) bool, True where attention is allowed. cache: (k, v, slots) for
+        # decoding: this layer's (B, nh, block_size, hs) caches and the (B, T) slots where this
+        # call's keys and values go; attention then reads the whole cache, under the mask.
         B, T, C = x.size()
         q, k, v = self.c_attn(x).split(C, dim=2)
         q, k, v = (z.view(B, T, self.n_head, C // self.n_head).transpose(1, 2) for z in (q, k, v))  # (B, nh, T, hs)
         if cache is not None:
-            k, v = cache.append(k, v)                                   # (B, nh, Tk, hs)
+            k_cache, v_cache, slots = cache
+            at = slots[:, None, :, None].expand(B, self.n_head, T, C // self.n_head)
+            k, v = k_cache.scatter_(2, at, k), v_cache.scatter_(2, at, v)   # (B, nh, block_size, hs)
         dropout = self.dropout if self.training else 0.0
         causal = self.causal and mask is None
         y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, dropout_p=dropout, is_causal=causal)
@@ -454,68 +489,92 @@ class Block(nn.Module):
 
 
 class HyperEncoder(nn.Module):
-    """Embeds a hypertoken from the embeddings of its base tokens.
+    """Embeds a hypertoken from the embeddings of its base tokens (config.hyper_encoder):
 
-    A small bidirectional transformer over the M slots (pads masked), at a narrower width than
-    the model (it runs once per new entry at every decoding step, so its weights must be cheap
-    to read), masked mean pooling, and a zero-initialised output projection added to the mean
-    of the base embeddings: at initialisation a hypertoken is exactly the mean of its base
-    embeddings, a sensible point to start from. A random encoder's output can be tens of times
-    the norm of a token embedding.
+    - "transformer": a small bidirectional transformer over the M slots (pads masked), narrower
+      than the model (it runs on about one new entry at every decoding step, so its weights
+      must be cheap to read), then a masked mean over the slots;
+    - "mlp": an MLP over the M slot embeddings laid side by side (pads are exactly 0);
+    - "mean": the mean of the base embeddings, nothing learned (the paper's weaker baseline).
+    The first two add a zero-initialised projection to that mean: at initialisation a hypertoken
+    is exactly the mean of its base embeddings, a sensible point to start from (a random
+    encoder's output can be tens of times the norm of a token embedding).
     """
 
     def __init__(self, config):
         super().__init__()
-        inner = replace(config, n_embd=config.hyper_n_embd, n_head=config.hyper_n_head)
-        self.slot_pos = nn.Parameter(torch.randn(config.max_subtokens, config.n_embd) * 0.02)
-        self.c_in = nn.Linear(config.n_embd, inner.n_embd, bias=config.bias)
+        self.kind, M, d, dh = config.hyper_encoder, config.max_subtokens, config.n_embd, config.hyper_n_embd
+        self.register_buffer("slots", torch.arange(M), persistent=False)   # 0..M-1
+        if self.kind == "mean":
+            return
+        self.slot_pos = nn.Parameter(torch.randn(M, d) * 0.02)
+        if self.kind == "mlp":
+            self.mlp = nn.Sequential(nn.Linear(M * d, 4 * dh, bias=config.bias), nn.GELU())
+            self.proj = nn.Linear(4 * dh, d, bias=config.bias)
+            return
+        inner = replace(config, n_embd=dh, n_head=config.hyper_n_head)
+        self.c_in = nn.Linear(d, dh, bias=config.bias)
         self.blocks = nn.ModuleList([Block(inner, causal=False) for _ in range(config.hyper_n_layer)])
-        self.ln_f = LayerNorm(inner.n_embd, bias=config.bias)
-        self.proj = nn.Linear(inner.n_embd, config.n_embd, bias=config.bias)
+        self.ln_f = LayerNorm(dh, bias=config.bias)
+        self.proj = nn.Linear(dh, d, bias=config.bias)
 
     def forward(self, contents, lengths, table):
         # contents (U, M) base ids, lengths (U,), table (V, d) the base embeddings -> (U, d)
         U, M = contents.size()
+        w = ((self.slots < lengths[:, None]) / lengths[:, None]).to(table.dtype)  # (U, M): mean weights, pads 0
+        if self.kind == "mean":
+            return torch.einsum("um,umd->ud", w, F.embedding(contents, table))
         x = kernels.gather_slots(contents, lengths, table, self.slot_pos)   # (U, M, d), pads are 0
-        valid = torch.arange(M, device=contents.device) < lengths[:, None]  # (U, M)
-        denom = lengths[:, None].to(x.dtype)
-        # the mean of the base embeddings alone (the slot positions are taken back out)
-        mean = (x.sum(1) - self.slot_pos.to(x.dtype).cumsum(0)[lengths - 1]) / denom  # (U, d)
+        mean = torch.einsum("um,umd->ud", w, x - self.slot_pos.to(x.dtype))  # (U, d): of the base embeddings
+        if self.kind == "mlp":
+            return mean + self.proj(self.mlp(x.view(U, -1)))
+        # attention over a content's own slots: log w is -inf on pads and the same number on every
+        # real slot of a content, and softmax ignores a constant shift (one op, where a boolean
+        # mask costs three)
+        keys = w.log()[:, None, None, :]                                    # (U, 1, 1, M)
         h = self.c_in(x)                                                    # (U, M, dh)
         for block in self.blocks:
-            h = block(h, valid[:, None, None, :])                           # keys: (U, 1, 1, M)
-        h = (self.ln_f(h) * valid[..., None]).sum(1) / denom                # (U, dh)
-        return mean + self.proj(h)                                          # (U, d)
+            h = block(h, keys)
+        return mean + self.proj(torch.einsum("um,umd->ud", w, self.ln_f(h)))
 
 
-def masked_hyper_logits(x, table, n_installed, pending, has_pending):
-    """Scores of the hypertoken ids V, V+1, ... over the exact causal vocabulary (DESIGN.md 2).
+def join_logits(base, x, table, pending, n, has_pending, canon=None):
+    """Next-code logits over the exact causal vocabulary (DESIGN.md 2) and, with canon, only the
+    canonical codes (DESIGN.md 2.1). Training and the decoding step both use it.
 
-    x (B, T, d) hidden states; table (B, K, d) each row's entry vectors; n_installed (B, T);
-    pending (B, T, d) the vector of the pending content and has_pending (B, T) whether it exists.
-    Returns (B, T, K + 1): column j < n_t scores entry j, column n_t the pending id, rest -inf.
+    base (B, T, V) base logits (masked in place); x (B, T, d) hidden states; table (B, K, d)
+    each row's entry vectors; pending (B, T, d) the vector of the pending content, has_pending
+    (B, T) whether it exists; n (B, T) entries installed. canon: (match (B, T), parents, first,
+    last (B, K)): the code of the encoder's current match, and each entry's trie parent, first
+    and last base id. Returns (B, T, V + K + 1): column V + j scores entry j for j < n, column
+    V + n the pending id, every other column -inf.
     """
     B, T, _ = x.size()
     K = table.size(1)
-    logits = x @ table.transpose(1, 2)                                     # (B, T, K)
-    logits = torch.cat([logits, logits.new_zeros(B, T, 1)], dim=-1)        # room for n_t == K
-    col = torch.arange(K + 1, device=x.device)
-    n = n_installed[..., None]                                             # (B, T, 1)
-    logits = torch.where(col == n, (x * pending).sum(-1, keepdim=True), logits)
+    pend = torch.einsum("btd,btd->bt", x, pending)[..., None]             # (B, T, 1)
+    hyper = torch.cat([x @ table.transpose(1, 2), pend], dim=-1)           # (B, T, K + 1)
+    col, n = torch.arange(K + 1, device=x.device), n[..., None]
+    hyper = torch.where(col == n, pend, hyper)                             # the pending id is V + n
     valid = (col < n) | ((col == n) & has_pending[..., None])
-    return logits.masked_fill(~valid, float("-inf"))
+    if canon is not None:
+        match, parents, first, last = canon
+        # The children of the current match (installed entries that extend it by one base id):
+        # the greedy encoder would have kept matching into them, so their last base ids cannot
+        # start the next code, and nor can any entry that starts with one of those base ids.
+        child = (parents[:, None, :] == match[..., None]) & (col[:K] < n)  # (B, T, K)
+        banned = torch.zeros_like(child, dtype=base.dtype).masked_fill_(child, float("-inf"))
+        base.scatter_add_(-1, last[:, None, :].expand(B, T, K), banned)    # -inf at those base ids
+        valid[..., :K] &= base.gather(-1, first[:, None, :].expand(B, T, K)) != float("-inf")
+    return torch.cat([base, hyper.masked_fill(~valid, float("-inf"))], dim=-1)
 
 
-def check_targets(targets, hyper, vocab_size):
-    """ValueError naming the first target outside the causal vocabulary of its position."""
-    n = hyper.n_installed if hyper is not None else torch.zeros_like(targets)
-    has = hyper.pending >= 0 if hyper is not None else torch.zeros_like(targets, dtype=torch.bool)
-    ok = (targets == -1) | ((targets >= 0) & (targets < vocab_size + n)) | ((targets == vocab_size + n) & has)
-    if not ok.all():
-        b, t = (~ok).nonzero()[0].tolist()
-        raise ValueError(f"target {targets[b, t].item()} at row {b}, position {t} is not a valid next code "
-                         f"there (base ids < {vocab_size}, {n[b, t].item()} installed hypertokens"
-                         f"{', and the pending id' if has[b, t] else ''})")
+def token_nll(logits, targets):
+    """Negative log-likelihood of each target (same shape as targets, fp32), 0 where it is -1.
+    Computed in the logits' own dtype with fp32 accumulation (autocast off): a bf16 model never
+    holds an fp32 copy of its (B, T, V + K + 1) logits."""
+    with torch.autocast(logits.device.type, enabled=False):
+        nll = F.cross_entropy(logits.flatten(0, -2), targets.flatten(), ignore_index=-1, reduction="none")
+    return nll.float().view(targets.shape)
 
 
 @dataclass
@@ -530,6 +589,8 @@ class GPTConfig:
     max_subtokens: int = 4          # M: longest hypertoken; 1 = plain GPT; the paper finds 3..5 close
     max_codebook_size: int = 1024   # C: at most this many hypertokens per sequence
     disabled_ids: tuple = (50256,)  # never merged: <|endoftext|> (the tokenizer may add digits)
+    canonical: bool = True          # score only canonical codes (DESIGN.md 2.1): the NLL is -log P(text)
+    hyper_encoder: str = "transformer"  # transformer | mlp | mean (the paper: 1-2 layers beat the mean)
     hyper_n_layer: int = 1          # hyper-encoder depth: 1-2 layers beat mean pooling in the paper
     hyper_n_embd: int = 0           # its width; 0: n_embd // 4, which keeps the extra work of a
     hyper_n_head: int = 4           #   decoding step (about one new entry) at a few percent
@@ -538,8 +599,22 @@ class GPTConfig:
     recon_max_entries: int = 256    # hypertokens per batch it is computed on: it needs (N*M, V) logits
 
     def __post_init__(self):
+        positive = ("block_size", "vocab_size", "n_layer", "n_head", "n_embd", "max_subtokens", "hyper_n_layer",
+                    "hyper_n_head")
+        bad = [f"{k}={getattr(self, k)}" for k in positive if getattr(self, k) < 1]
+        if bad:
+            raise ValueError(f"{', '.join(bad)}: must be >= 1")
+        if self.n_embd % self.n_head:
+            raise ValueError(f"n_embd={self.n_embd} is not a multiple of n_head={self.n_head}")
+        if self.hyper_encoder not in ("transformer", "mlp", "mean"):
+            raise ValueError(f"hyper_encoder={self.hyper_encoder!r}: expected transformer, mlp or mean")
+        if self.max_codebook_size < 0 or not 0 <= self.dropout < 1:
+            raise ValueError(f"need max_codebook_size >= 0 and 0 <= dropout < 1, got {self.max_codebook_size}, "
+                             f"{self.dropout}")
         if self.hyper_n_embd == 0:
             self.hyper_n_embd = max(self.n_embd // 4 // self.hyper_n_head, 1) * self.hyper_n_head
+        if self.hyper_n_embd % self.hyper_n_head:
+            raise ValueError(f"hyper_n_embd={self.hyper_n_embd} is not a multiple of hyper_n_head={self.hyper_n_head}")
 
     @property
     def hyper(self):
@@ -550,7 +625,6 @@ class GPT(nn.Module):
 
     def __init__(self, config):
         super().__init__()
-        assert config.vocab_size is not None and config.block_size is not None
         self.config = config
         self.transformer = nn.ModuleDict(dict(
             wte=nn.Embedding(config.vocab_size, config.n_embd),
@@ -573,7 +647,8 @@ class GPT(nn.Module):
                 torch.nn.init.normal_(p, mean=0.0, std=0.02 / math.sqrt(2 * config.n_layer))
         if config.hyper:
             for enc in {self.hyper_in, self.hyper_out}:
-                nn.init.zeros_(enc.proj.weight)
+                if hasattr(enc, "proj"):
+                    nn.init.zeros_(enc.proj.weight)
             nn.init.normal_(self.recon, std=1 / math.sqrt(config.n_embd))
         self.last_losses = {}
 
@@ -610,16 +685,18 @@ class GPT(nn.Module):
     def forward(self, idx, targets=None, hyper=None):
         """idx (B, T) codes -> logits (B, T, V [+ K + 1]) and, with targets, the loss.
 
-        Column V + j is hypertoken V + j. hyper: the rows' HyperBatch; derived from idx if None.
+        Column V + j is hypertoken V + j. hyper: the rows' HyperBatch; derived from idx if None,
+        and then the targets are checked too (a loader's batches are valid by construction).
         """
         c, device = self.config, idx.device
         B, T = idx.size()
-        assert T <= c.block_size, f"Cannot forward sequence of length {T}, block size is only {c.block_size}"
+        if T > c.block_size:
+            raise ValueError(f"cannot forward {T} codes: block_size is {c.block_size}")
         wte = self.transformer.wte.weight
         derived = c.hyper and hyper is None
+        if derived:
+            hyper = self.hyper_batch(idx.tolist()).to(device)
         if c.hyper:
-            if derived:
-                hyper = self.hyper_batch(idx.tolist()).to(device)
             h_in, h_out = self.hyper_tables(hyper.contents, hyper.lengths)    # (U, d) each
             table_in = h_in[hyper.entries]                                    # (B, K, d)
         else:
@@ -632,19 +709,20 @@ class GPT(nn.Module):
         x = self.transformer.ln_f(x)
         logits = self.lm_head(x)                                              # (B, T, V)
         if c.hyper:
-            pend = h_out[hyper.pending.clamp(min=0)]                          # (B, T, d)
             table_out = table_in if c.tie_weights else h_out[hyper.entries]   # (B, K, d)
-            hyper_logits = masked_hyper_logits(x, table_out, hyper.n_installed,
-                                               pend, hyper.pending >= 0)
-            logits = torch.cat([logits, hyper_logits], dim=-1)                # (B, T, V + K + 1)
+            # pending vectors; -1 (no pending id) reads an appended row of zeros
+            pend = torch.cat([h_out, h_out.new_zeros(1, c.n_embd)])[hyper.pending]   # (B, T, d)
+            canon = None
+            if c.canonical:
+                ends = hyper.contents[hyper.entries]                          # (B, K, M)
+                last = ends.gather(-1, hyper.lengths[hyper.entries][..., None] - 1)[..., 0]
+                canon = (hyper.match, hyper.parents, ends[..., 0], last)
+            logits = join_logits(logits, x, table_out, pend, hyper.n_installed, hyper.pending >= 0, canon)
         if targets is None:
             return logits, None
-        if derived:
-            # Checked where it costs no extra device sync; a loader's HyperBatch comes from the
-            # encoder itself. An invalid target would otherwise make the loss silently inf.
-            check_targets(targets, hyper, c.vocab_size)
-        lm_loss = F.cross_entropy(logits.view(-1, logits.size(-1)), targets.reshape(-1),
-                                  ignore_index=-1)
+        if derived:   # checked where it costs no extra device sync
+            check_targets(logits, targets, hyper, c.vocab_size)
+        lm_loss = token_nll(logits, targets).sum() / (targets >= 0).sum()
         loss, self.last_losses = lm_loss, {"lm": lm_loss.detach()}
         if c.hyper and c.recon_lambda > 0 and c.recon_max_entries > 0 and hyper.contents.size(0) > 0:
             recon = self.reconstruction_loss(h_in, hyper.contents, hyper.lengths)
@@ -660,10 +738,10 @@ class GPT(nn.Module):
         z = torch.einsum("nd,sde->nse", h[pick], self.recon)                  # (n, M, d)
         logits = self.lm_head(self.transformer.ln_f(z))                       # (n, M, V)
         target = contents[pick].masked_fill(torch.arange(M, device=h.device) >= lengths[pick, None], -1)
-        return F.cross_entropy(logits.view(n * M, -1).float(), target.view(-1), ignore_index=-1)
+        return token_nll(logits, target).sum() / (target >= 0).sum()
 
     # -------------------------------------------------------------------------
-    # Scoring and generation, through the KV-cached incremental decoder below
+    # Scoring and generation, through the KV-cached Decoder below
 
     @torch.no_grad()
     def nll(self, codes):
@@ -671,24 +749,74 @@ class GPT(nn.Module):
 
         Teacher-forced when it fits the context, else replayed through the KV-cached decoder
         (cropping as generation does). Both agree where both apply (tested)."""
+        codes = _as_list(codes, "codes")
         if len(codes) < 2:
             return 0.0
         if len(codes) <= self.config.block_size + 1:
-            idx = torch.tensor([codes[:-1]], device=self.device)
-            logits, _ = self(idx)
-            logp = F.log_softmax(logits.float(), dim=-1)[0]
-            return -logp[torch.arange(len(codes) - 1), torch.tensor(codes[1:], device=self.device)].sum().item()
-        dec, total = IncrementalDecoder(self, [codes[:1]]), 0.0
+            idx, tgt = torch.tensor([codes[:-1]], device=self.device), torch.tensor([codes[1:]], device=self.device)
+            return token_nll(self(idx)[0], tgt).sum().item()
+        dec, total = Decoder(self, [codes[:1]]), 0.0
         for code in codes[1:]:
-            total -= F.log_softmax(dec.logits().float(), dim=-1)[0, code].item()
+            total -= F.log_softmax(dec.logits.float(), dim=-1)[0, code].item()
             dec.advance([code])
         return total
 
-    def score(self, text, tokenizer):
-        """(NLL in nats, UTF-8 bytes) of a text, encoded canonically after an <|endoftext|>.
+    @torch.no_grad()
+    def marginal_nll(self, ids, beam_size=16):
+        """Multi-view NLL (nats) of base ids[1:] given ids[0]: -log of the summed probability of
+        the code streams that decode to ids (DESIGN.md 5), by beam search over segmentations.
 
-        bits per byte = nll / (ln 2 * bytes): the same text gives comparable numbers for a plain
-        and a zip2zip model, whatever their codes."""
+        Every stream that has read ids[:p] holds the same codebook (the encoder's over those base
+        tokens), so the valid next codes at text position p are the same on every path: the base
+        id ids[p], each installed entry that matches the text ahead, and the pending id if its
+        content does. Paths are grouped by text position; at each position the beam_size most
+        probable are kept and extended, all of them in one batched step of the KV-cached decoder.
+        An upper bound on -log P(text) that tightens as the beam grows, exact when nothing is
+        pruned; for a canonical model only the canonical path is finite, so it is the NLL.
+        """
+        ids, c = _as_list(ids), self.config
+        if beam_size < 1:
+            raise ValueError(f"beam_size must be >= 1, got {beam_size}")
+        _check_base_ids(ids, c.vocab_size)
+        if len(ids) < 2:
+            return 0.0
+        lzw, choices = self.codec(), {}   # choices[p]: the valid (code, length) at position p
+        for p in range(1, len(ids)):
+            lzw.feed(ids[p - 1:p], [])
+            choices[p], code = [(ids[p], 1)], ids[p]
+            for length in range(2, min(c.max_subtokens, len(ids) - p) + 1):
+                code = lzw.edges.get(code * c.vocab_size + ids[p + length - 1])
+                if code is None:
+                    break
+                choices[p].append((code, length))
+            pend = lzw.pending()
+            if pend is not None and tuple(ids[p:p + len(pend)]) == pend:
+                choices[p].append((c.vocab_size + lzw.n_entries, len(pend)))
+        # paths[p]: (log-prob, decoder, row, code): a path that read ids[:p], ending with `code`
+        # read on top of that decoder row (None: the row has read it already)
+        paths, done = {1: [(0.0, Decoder(self, [ids[:1]]), 0, None)]}, []
+        for p in range(1, len(ids)):
+            beam = sorted(paths.pop(p, []), key=lambda path: -path[0])[:beam_size]
+            if not beam:
+                continue
+            if beam[0][3] is None:
+                dec = beam[0][1]
+            else:
+                dec = Decoder.gather([(d, row) for _, d, row, _ in beam])
+                dec.advance([code for *_, code in beam])
+            codes = [code for code, _ in choices[p]]
+            logp = F.log_softmax(dec.logits.float(), dim=-1)[:, codes].tolist()   # (paths, choices)
+            for i, (lp, *_) in enumerate(beam):
+                for (code, length), step in zip(choices[p], logp[i]):
+                    if step > float("-inf"):
+                        path = (lp + step, dec, i, code)
+                        (done if p + length == len(ids) else paths.setdefault(p + length, [])).append(path)
+        return -torch.logsumexp(torch.tensor([lp for lp, *_ in done], dtype=torch.float64), 0).item()
+
+    def score(self, text, tokenizer, beam_size=0):
+        """(NLL in nats, UTF-8 bytes) of a text after an <|endoftext|>: of its canonical codes, or
+        with beam_size > 0 the multi-view NLL (marginal_nll). bits per byte = nll / (ln 2 * bytes):
+        the same text gives comparable numbers for a plain and a zip2zip model, whatever their codes."""
         c = self.config
         settings = (tokenizer.vocab_size, tokenizer.max_codebook_size, tokenizer.max_subtokens)
         if settings != (c.vocab_size, c.max_codebook_size, c.max_subtokens) or \
@@ -696,176 +824,275 @@ class GPT(nn.Module):
             raise ValueError(f"tokenizer (V, C, M) = {settings} and disabled ids do not match the model's "
                              f"{(c.vocab_size, c.max_codebook_size, c.max_subtokens)}")
         ids = [tokenizer.eot] + tokenizer.encode_base(text)
-        return self.nll(lzw_encode(ids, *settings, tokenizer.disabled_ids)), tokenizer.n_bytes(ids)
+        nll = self.marginal_nll(ids, beam_size) if beam_size > 0 else \
+            self.nll(lzw_encode(ids, *settings, tokenizer.disabled_ids))
+        return nll, tokenizer.n_bytes(ids)
 
     @property
     def device(self):
         return self.transformer.wte.weight.device
 
     @torch.no_grad()
-    def generate(self, idx, max_new_tokens, temperature=1.0, top_k=None):
+    def generate(self, idx, max_new_tokens, temperature=1.0, top_k=None, compile=False):
         """Continue each row of codes by max_new_tokens codes. idx: a (B, T) tensor, or a list of
         B lists of codes (prompts of different lengths). Returns the same kind, prompts included.
-        Everything it returns decodes; temperature 0 or top_k=1 is greedy."""
-        rows = idx.tolist() if torch.is_tensor(idx) else [list(r) for r in idx]
+        Everything it returns decodes; temperature 0 or top_k=1 is greedy. compile=True compiles
+        the decoding step once (one CUDA graph per step on a GPU)."""
+        if not temperature >= 0:
+            raise ValueError(f"temperature must be >= 0 (0 is greedy), got {temperature}")
+        if top_k is not None and top_k < 1:
+            raise ValueError(f"top_k must be >= 1, or None for every code; got {top_k}")
+        if max_new_tokens < 0:
+            raise ValueError(f"max_new_tokens must be >= 0, got {max_new_tokens}")
+        rows = idx.tolist() if torch.is_tensor(idx) else [_as_list(r, "prompt") for r in idx]
         if not rows or any(len(r) == 0 for r in rows):
             raise ValueError("generate needs at least one prompt and no empty prompt "
                              "(start from <|endoftext|> for an unconditional sample)")
-        dec = IncrementalDecoder(self, rows)
+        dec = Decoder(self, rows, temperature, top_k, compile)
         for _ in range(max_new_tokens):
-            logits = dec.logits().float()                                 # (B, V + K + 1)
-            if temperature == 0 or top_k == 1:
-                nxt = logits.argmax(-1)                                   # greedy
-            else:
-                logits = logits / temperature
-                if top_k is not None:
-                    v, _ = torch.topk(logits, min(top_k, logits.size(-1)))
-                    logits[logits < v[:, [-1]]] = -float("Inf")
-                nxt = torch.multinomial(F.softmax(logits, dim=-1), num_samples=1)[:, 0]
-            dec.advance(nxt.tolist())                                     # -inf outside the valid set,
-        out = dec.rows                                                    # so every code decodes
+            dead = [b for b, code in enumerate(dec.next) if code < 0]
+            if dead:   # only possible with a canonical model and no disabled id (DESIGN.md 2.1)
+                raise ValueError(f"row {dead[0]} has no valid next code: every code is masked")
+            dec.advance(dec.next)                                     # read the codes just chosen
+        out = dec.rows
         return torch.tensor(out, dtype=idx.dtype, device=idx.device) if torch.is_tensor(idx) else out
 
 
+def check_targets(logits, targets, hyper, vocab_size):
+    """ValueError naming the first target the model cannot emit at its position: not a valid next
+    code there (DESIGN.md 2), or with canonical=True not canonical (DESIGN.md 2.1)."""
+    W = logits.size(-1)
+    score = logits.gather(-1, targets.clamp(0, W - 1)[..., None])[..., 0]
+    ok = (targets == -1) | ((targets >= 0) & (targets < W) & (score > float("-inf")))
+    if not ok.all():
+        b, t = (~ok).nonzero()[0].tolist()
+        n = hyper.n_installed[b, t].item() if hyper is not None else 0
+        has = hyper is not None and hyper.pending[b, t].item() >= 0
+        code = targets[b, t].item()
+        why = "it is not canonical: its first base token extends the encoder's match (DESIGN.md 2.1)" \
+            if 0 <= code < vocab_size + n + has else \
+            f"base ids < {vocab_size}, {n} installed hypertokens{', and the pending id' if has else ''}"
+        raise ValueError(f"target {code} at row {b}, position {t} is not a valid next code there ({why})")
 
 
-class KVCache:
-    """Keys and values of every layer, for B rows and up to block_size positions."""
-
-    def __init__(self, config, B, device, dtype):
-        nh, hs = config.n_head, config.n_embd // config.n_head
-        shape = (config.n_layer, B, nh, config.block_size, hs)
-        self.k = torch.zeros(shape, device=device, dtype=dtype)
-        self.v = torch.zeros(shape, device=device, dtype=dtype)
-        self.pos, self.layer = 0, 0   # positions filled; the layer the next append is for
-
-    def append(self, k, v):
-        # k, v (B, nh, T, hs) of the current layer -> all keys and values so far (B, nh, pos+T, hs)
-        i, end = self.layer, self.pos + k.size(2)
-        self.k[i, :, :, self.pos:end], self.v[i, :, :, self.pos:end] = k, v
-        self.layer += 1
-        if self.layer == self.k.size(0):
-            self.layer, self.pos = 0, end
-        return self.k[i, :, :, :end], self.v[i, :, :, :end]
+# -----------------------------------------------------------------------------
+# KV-cached decoding: a static step, in the manner of gpt-fast (DESIGN.md 6)
 
 
-class IncrementalDecoder:
-    """KV-cached decoding of B rows: read codes one step at a time, give next-code logits.
+def sample(logits, temperature, top_k):
+    """The next code of each row (B,) from its logits (B, W), -1 where a row has no valid code.
 
-    Per row it keeps the LZW decoder state (DESIGN.md 1.1), the hyper-embeddings of the entries
-    installed so far (each encoded once, when it appears: about one per step) and the vector of
-    the pending content. Rows of different lengths are left-padded and masked. When the context
-    is full it keeps the last block_size // 2 codes and re-computes their keys and values; the
-    codebooks live on.
+    Greedy when temperature is 0 or top_k is 1; else a draw from softmax(logits / temperature)
+    over the top_k codes, as argmax(p / q) with q ~ Exp(1) (the "exponential race": the same
+    distribution as torch.multinomial, with no host sync)."""
+    dead = torch.isneginf(logits).all(-1)
+    if temperature == 0 or top_k == 1:
+        nxt = logits.argmax(-1)
+    else:
+        logits = logits.float() / temperature
+        if top_k is not None:
+            kth = torch.topk(logits, min(top_k, logits.size(-1))).values[:, -1:]
+            logits = logits.masked_fill(logits < kth, float("-inf"))
+        probs = F.softmax(logits, dim=-1)
+        nxt = (probs / torch.empty_like(probs).exponential_(1)).argmax(-1)
+    return nxt.masked_fill(dead, -1)
+
+
+def decode_step(model, state, packed, temperature, top_k):
+    """One decoding step of fixed-shape tensors, with no host sync: it compiles once.
+
+    packed (B, F) int64 holds, per row, what the host's LZW decoder found when it read the code
+    (see Decoder._pack): the code as a base id (0 if it is none) and as a table row (C if it is
+    none), its slot in the KV cache (its position), n + 1 if a pending id exists else n (n: the
+    entries installed), the code of the encoder's current match; then the M + 1 table rows to
+    write (the entries the code installed, padded to the scratch row C, and row n for the pending
+    content), their (trie parent, first, last base id), and their contents and lengths. state:
+    the Decoder's tensors, written in place. Returns the next-code logits (B, W) and a sampled
+    next code per row (B,).
+    """
+    c, wte = model.config, model.transformer.wte.weight
+    B, M, S = packed.size(0), c.max_subtokens, c.max_subtokens + 1
+    base_id, table_row, pos, n_plus, match = packed[:, :5].unbind(1)                 # (B,) each
+    x = wte[base_id]                                                                # (B, d)
+    if c.hyper:
+        slots, trie, contents, lengths = packed[:, 5:].split([S, 3 * S, S * M, S], 1)
+        # 1. encode the new entries and the pending content, write them into the row's tables:
+        # an entry at its row j, the pending vector at row n (its column V + n scores it)
+        h_in, h_out = model.hyper_tables(contents.reshape(-1, M), lengths.reshape(-1))   # (B * S, d)
+        rows = state["rows"]                                                        # (B, 1)
+        state["table_in"][rows, slots] = h_in.view(B, S, -1).to(state["table_in"].dtype)
+        if not c.tie_weights:
+            state["table_out"][rows, slots] = h_out.view(B, S, -1).to(state["table_out"].dtype)
+        state["trie"][rows, slots] = trie.view(B, S, 3)
+        # 2. every code's embedding is read from its row's table: a hypertoken's from its row (which
+        # holds it now, also when it is the pending id just installed), a base id's from the
+        # scratch row C, where it is written first
+        state["table_in"][rows[:, 0], c.max_codebook_size] = x.to(state["table_in"].dtype)
+        x = state["table_in"][rows[:, 0], table_row]
+    x = (x + model.transformer.wpe(pos))[:, None]                                  # (B, 1, d)
+    # 3. the blocks, each writing the code's key and value at its slot and attending to the slots
+    # filled so far (plain forward: a training run may have compiled the blocks for its shapes)
+    mask = (state["key_slots"] <= pos[:, None])[:, None, None, :]                   # (B, 1, 1, block)
+    for i, block in enumerate(model.transformer.h):
+        x = block.forward(x, mask, (state["k"][:, i], state["v"][:, i], pos[:, None]))
+    x = model.transformer.ln_f(x)[:, 0]                                             # (B, d)
+    logits = model.lm_head(x)                                                       # (B, V)
+    if c.hyper:
+        # 4. the hyper logits: valid are the columns j < n, and n if a pending id exists (DESIGN.md
+        # 2); with canonical=True also no child of the match, as in join_logits (DESIGN.md 2.1)
+        hyper = torch.einsum("bd,bkd->bk", x, state["table_out"])                  # (B, C + 1)
+        ok = state["cols"] < n_plus[:, None]
+        if c.canonical:
+            parent, first, last = state["trie"].unbind(-1)                           # (B, C + 1) each
+            logits.scatter_add_(1, last, torch.where(parent == match[:, None], state["-inf"], state["0"]))
+            ok &= logits.gather(1, first) > float("-inf")
+        logits = torch.cat([logits, torch.where(ok, hyper, state["-inf"])], dim=1)  # (B, V + C + 1)
+    return logits, sample(logits, temperature, top_k)
+
+
+class Decoder:
+    """KV-cached decoding of B rows of codes; rows never affect each other.
+
+    The host keeps each row's codes and its LZW decoder state (DESIGN.md 1.1); the device keeps
+    fixed-shape tensors: the KV cache of every layer, each row's table of hyper-embeddings (C
+    rows, plus a scratch row C where padded writes go) and each entry's trie parent, first and
+    last base id (for the canonical mask). advance(codes) reads one code per row: the host
+    pushes it into the row's decoder and packs what changed into one int64 tensor, copied to the
+    device at once; decode_step then runs with no host sync, and one read back brings the sampled
+    next codes (`next`). `logits` holds the next-code logits (B, V [+ C + 1]).
+
+    A row whose context is full keeps its last block_size // 2 codes (their keys and values are
+    recomputed, outside the step, at positions from 0) and goes on; its codebook lives on.
     """
 
     @torch.no_grad()
-    def __init__(self, model, prompts):
-        self.model, c = model, model.config
+    def __init__(self, model, prompts, temperature=1.0, top_k=None, compile=False):
+        c, device = model.config, model.device
+        self.model, self.temperature, self.top_k = model, temperature, top_k
         self.rows = [list(p) for p in prompts]
         self.lzw = [model.codec() for _ in prompts]
-        B, d, device = len(prompts), c.n_embd, model.device
-        dtype = model.transformer.wte.weight.dtype
-        self.hyper_seconds = 0.0      # time spent on hypertoken work (measured by bench.py)
+        B, nh, hs = len(self.rows), c.n_head, c.n_embd // c.n_head
+        # the cache in the compute dtype: autocast's if it is on (bf16 on a GPU), else the weights'
+        dtype = torch.get_autocast_dtype(device.type) if torch.is_autocast_enabled(device.type) \
+            else model.transformer.wte.weight.dtype
+        zeros = lambda *shape: torch.zeros(*shape, device=device, dtype=dtype)
+        self.state = {"k": zeros(B, c.n_layer, nh, c.block_size, hs), "v": zeros(B, c.n_layer, nh, c.block_size, hs),
+                      "key_slots": torch.arange(c.block_size, device=device),
+                      "cols": torch.arange(c.max_codebook_size + 1, device=device),
+                      "rows": torch.arange(B, device=device)[:, None],
+                      "0": zeros(()), "-inf": zeros(()).fill_(float("-inf"))}
         if c.hyper:
-            self.table_in = torch.zeros(B, c.max_codebook_size, d, device=device, dtype=dtype)
-            self.table_out = self.table_in if c.tie_weights else torch.zeros_like(self.table_in)
-        new = []
-        for b, (lzw, row) in enumerate(zip(self.lzw, self.rows)):
+            self.state["table_in"] = zeros(B, c.max_codebook_size + 1, c.n_embd)
+            self.state["table_out"] = self.state["table_in"] if c.tie_weights else torch.zeros_like(self.state["table_in"])
+            # (parent, first, last) of each slot; parent -2 never equals a match code (-1: none)
+            self.state["trie"] = torch.tensor([-2, 0, 0], device=device).repeat(B, c.max_codebook_size + 1, 1)
+        self.step = decode_step
+        if compile:
+            if device.type == "cuda":   # CUDA graphs need tensors that stay where they are
+                for t in self.state.values():
+                    torch._dynamo.mark_static_address(t)
+            self.step = torch.compile(decode_step, fullgraph=True,
+                                      mode="reduce-overhead" if device.type == "cuda" else None)
+        # read the prompts: every row's decoder state, the entries they installed, the cache
+        for lzw, row in zip(self.lzw, self.rows):
             for t, code in enumerate(row):
                 lzw.push(code, t)
-            new += [(b, j, e) for j, e in enumerate(lzw.entries)]
-        self._update_hyper(new)
-        self._prefill(c.block_size)
+        if c.hyper:
+            self._install([(b, j) for b, lzw in enumerate(self.lzw) for j in range(lzw.n_entries)])
+        self.filled = [0] * B     # codes in each row's cache
+        last = [row[-1] for row in self.rows]
+        self._refill(slice(None), [row[-c.block_size:-1] for row in self.rows])
+        self._run([self._pack(b, last[b], ()) for b in range(B)])
 
-    def _update_hyper(self, new):
-        """Encode the entries just installed ((row, j, content) triples) and every row's pending
-        content, in one hyper-encoder call."""
-        if not self.model.config.hyper:
+    def _install(self, new):
+        """Encode and write the entries (row, j) in one hyper-encoder call (prompts, gather)."""
+        if not new:
             return
-        t0 = time.perf_counter()
-        pend = [lzw.pending() for lzw in self.lzw]
-        contents = [e for _, _, e in new] + [p for p in pend if p is not None]
-        h_in, h_out = self._encode(contents)
-        if new:
-            rows, cols = (torch.tensor(v, device=self.model.device) for v in zip(*((b, j) for b, j, _ in new)))
-            self.table_in[rows, cols] = h_in[:len(new)]
-            if self.table_out is not self.table_in:                       # untied weights
-                self.table_out[rows, cols] = h_out[:len(new)]
-        self.has_pending = torch.tensor([p is not None for p in pend], device=self.model.device)
-        self.pending = self.table_out.new_zeros(len(pend), self.table_out.size(-1))
-        self.pending[self.has_pending] = h_out[len(new):]
-        self.hyper_seconds += time.perf_counter() - t0
-
-    def _encode(self, contents):
-        M, device = self.model.config.max_subtokens, self.model.device
-        if not contents:
-            empty = self.table_in.new_zeros(0, self.table_in.size(-1))
-            return empty, empty
-        padded = torch.tensor([e + (0,) * (M - len(e)) for e in contents], device=device)
-        lengths = torch.tensor([len(e) for e in contents], device=device)
-        return self.model.hyper_tables(padded, lengths)
-
-    def _embed(self, idx, pos):
-        # idx (B, T) codes, pos (B, T) position ids -> (B, T, d)
-        m, c = self.model, self.model.config
-        K = max(len(lzw.entries) for lzw in self.lzw) if c.hyper else 0
-        table = self.table_in[:, :K] if c.hyper else m.transformer.wte.weight.new_zeros(idx.size(0), 0, c.n_embd)
-        return kernels.hyper_embedding(idx, m.transformer.wte.weight, table, c.vocab_size) + m.transformer.wpe(pos)
-
-    def _run(self, x, mask):
-        m = self.model
-        for block in m.transformer.h:
-            x = block(x, mask, self.cache)
-        self.h = m.transformer.ln_f(x[:, -1])                             # (B, d)
-
-    def _prefill(self, keep):
-        """(Re)compute keys and values for the last `keep` codes of every row."""
         c, device = self.model.config, self.model.device
-        rows = [r[-keep:] for r in self.rows]
-        B, L = len(rows), max(len(r) for r in rows)
-        idx = torch.tensor([[0] * (L - len(r)) + r for r in rows], device=device)          # (B, L)
-        valid = torch.tensor([[False] * (L - len(r)) + [True] * len(r) for r in rows], device=device)
-        self.next_pos = valid.sum(1)                                      # (B,) next position id
-        self.key_valid = torch.zeros(B, c.block_size, dtype=torch.bool, device=device)
-        self.key_valid[:, :L] = valid
-        causal = torch.ones(L, L, dtype=torch.bool, device=device).tril()
-        # a pad query may attend to itself only, so that no row of the mask is empty
-        mask = (causal & valid[:, None, :]) | torch.eye(L, dtype=torch.bool, device=device)  # (B, L, L)
-        self.cache = KVCache(c, B, device, self.model.transformer.wte.weight.dtype)
-        x = self._embed(idx, (valid.cumsum(1) - 1).clamp(min=0))
-        self._run(x, mask[:, None])
+        contents = [self.lzw[b].entries[j] for b, j in new]
+        padded = torch.tensor([e + (0,) * (c.max_subtokens - len(e)) for e in contents], device=device)
+        h_in, h_out = self.model.hyper_tables(padded, torch.tensor([len(e) for e in contents], device=device))
+        rows, cols = (torch.tensor(v, device=device) for v in zip(*new))
+        self.state["table_in"][rows, cols] = h_in.to(self.state["table_in"].dtype)
+        self.state["table_out"][rows, cols] = h_out.to(self.state["table_out"].dtype)
+        self.state["trie"][rows, cols] = torch.tensor(
+            [(self.lzw[b].parents[j], e[0], e[-1]) for (b, j), e in zip(new, contents)], device=device)
 
-    @torch.no_grad()
-    def logits(self):
-        """Next-code logits (B, V [+ K + 1]), -inf outside each row's valid set."""
-        m, c = self.model, self.model.config
-        logits = m.lm_head(self.h)                                        # (B, V)
+    def _refill(self, rows, codes):
+        """Recompute keys and values of codes (one list per row of the slice `rows`) at slots and
+        positions 0, 1, ... (right-padded, masked). For the prompts, and to crop a full row."""
+        m, c, device = self.model, self.model.config, self.model.device
+        L = max(map(len, codes))
+        for b, r in zip(range(len(self.rows))[rows], codes):
+            self.filled[b] = len(r)
+        if L == 0:
+            return
+        idx = torch.tensor([r + [0] * (L - len(r)) for r in codes], device=device)          # (R, L)
+        lengths = torch.tensor([len(r) for r in codes], device=device)[:, None, None]      # (R, 1, 1)
+        table = self.state["table_in"][rows, :c.max_codebook_size] if c.hyper else \
+            m.transformer.wte.weight.new_zeros(idx.size(0), 0, c.n_embd)
+        slots = torch.arange(L, device=device)
+        x = kernels.hyper_embedding(idx, m.transformer.wte.weight, table, c.vocab_size) + m.transformer.wpe(slots)
+        # causal over the row's own codes; a pad query sees code 0 (no row of the mask is empty)
+        keys = self.state["key_slots"]
+        mask = (keys <= slots[:, None]) & (keys < lengths)                                 # (R, L, block)
+        for i, block in enumerate(m.transformer.h):
+            x = block.forward(x, mask[:, None], (self.state["k"][rows, i], self.state["v"][rows, i],
+                                                 slots.expand(idx.size(0), L)))
+
+    def _pack(self, b, code, new):
+        """Row b's part of a step's input (see decode_step): the code it reads, and the entries
+        `new` (indices j) that reading it installed: at most one per base token read."""
+        c, lzw = self.model.config, self.lzw[b]
+        V, C, M = c.vocab_size, c.max_codebook_size, c.max_subtokens
+        pending, n = lzw.pending(), lzw.n_entries
+        head = [code if code < V else 0, code - V if code >= V else C, self.filled[b], n + (pending is not None), lzw.code]
+        self.filled[b] += 1
         if not c.hyper:
-            return logits
-        t0 = time.perf_counter()
-        n = torch.tensor([len(lzw.entries) for lzw in self.lzw], device=m.device)
-        K = int(n.max())
-        hyper = masked_hyper_logits(self.h[:, None], self.table_out[:, :K], n[:, None],
-                                    self.pending[:, None], self.has_pending[:, None])[:, 0]
-        self.hyper_seconds += time.perf_counter() - t0
-        return torch.cat([logits, hyper], dim=-1)                         # (B, V + K + 1)
+            return head
+        pad = M - len(new)
+        slots = list(new) + [C] * pad + [n if pending else C]
+        trie = [(lzw.parents[j], lzw.entries[j][0], lzw.entries[j][-1]) for j in new] + [(-2, 0, 0)] * pad + \
+            [(-2, pending[0] if pending else 0, 0)]   # the pending id is never a child: parent -2
+        contents = [lzw.entries[j] for j in new] + [(0,)] * pad + [pending or (0,)]
+        return head + slots + [t for e in trie for t in e] + \
+            [t for e in contents for t in e + (0,) * (M - len(e))] + [len(e) for e in contents]
+
+    def _run(self, packed):
+        # one host-to-device copy of the step's input, one read back of the chosen codes
+        packed = torch.tensor(packed, dtype=torch.long)
+        if self.model.device.type == "cuda":
+            packed = packed.pin_memory().to(self.model.device, non_blocking=True)
+        self.logits, nxt = self.step(self.model, self.state, packed, self.temperature, self.top_k)
+        self.next = nxt.tolist()
 
     @torch.no_grad()
     def advance(self, codes):
-        """Read one code per row; ValueError if a code is not valid for its row."""
-        c, device = self.model.config, self.model.device
-        new = []
+        """Read one code per row (ValueError if a code is not valid for its row), then compute
+        the next-code logits and draw the next codes."""
+        c, packed = self.model.config, []
         for b, (lzw, code) in enumerate(zip(self.lzw, codes)):
-            _, installed = lzw.push(code, len(self.rows[b]))
-            new += [(b, i - c.vocab_size, lzw.entries[i - c.vocab_size]) for i in installed]
+            n = lzw.n_entries
+            lzw.push(code, len(self.rows[b]))
             self.rows[b].append(code)
-        self._update_hyper(new)
-        if self.cache.pos == c.block_size:                                # context full: crop
-            self._prefill(c.block_size // 2)
-            return
-        idx = torch.tensor(codes, device=device)[:, None]                 # (B, 1)
-        self.key_valid[:, self.cache.pos] = True
-        x = self._embed(idx, self.next_pos[:, None])
-        self.next_pos = self.next_pos + 1
-        self._run(x, self.key_valid[:, None, None, :self.cache.pos + 1])
+            if self.filled[b] == c.block_size:   # context full: keep the row's last block_size // 2
+                self._refill(slice(b, b + 1), [self.rows[b][-(c.block_size // 2):-1]])
+            packed.append(self._pack(b, code, range(n, lzw.n_entries)))
+        self._run(packed)
+
+    @classmethod
+    def gather(cls, parts):
+        """A new decoder (eager) of the rows (decoder, row) in `parts`, in order: for beam search."""
+        new, d0 = cls.__new__(cls), parts[0][0]
+        new.__dict__.update(d0.__dict__, step=decode_step)
+        per_row = ("k", "v", "table_in", "table_out", "trie")     # the rest is shared
+        new.state = {t: torch.cat([d.state[t][r:r + 1] for d, r in parts]) if t in per_row else x
+                     for t, x in d0.state.items()}
+        if "table_out" in new.state and d0.state["table_out"] is d0.state["table_in"]:
+            new.state["table_out"] = new.state["table_in"]
+        new.state["rows"] = torch.arange(len(parts), device=d0.model.device)[:, None]
+        new.rows = [list(d.rows[r]) for d, r in parts]
+        new.lzw = [d.lzw[r].copy() for d, r in parts]
+        new.filled = [d.filled[r] for d, r in parts]
+        new.logits = torch.cat([d.logits[r:r + 1] for d, r in parts])
+        return new

@@ -148,7 +148,7 @@ def test_adapt_from_plain_loads_every_base_weight(data_dir, plain_dir, tmp_path)
     mconf = zip2zip.GPTConfig(**{k: getattr(cfg, k) for k in train.MODEL_KEYS})
     model = train.make_model(cfg, mconf)
     assert cfg.n_layer == 1 and cfg.bias is True                    # the source's architecture
-    assert model.config.hyper_n_embd == zip2zip.GPTConfig(n_embd=16).hyper_n_embd   # derived from it too
+    assert model.config.hyper_n_embd == zip2zip.GPTConfig(n_embd=16, n_head=2).hyper_n_embd   # derived from it too
     state = model.state_dict()
     base = [k for k in state if not k.startswith(train.HYPER_PARTS)]
     assert sorted(base) == sorted(source)

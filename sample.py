@@ -12,6 +12,7 @@ of hypertokens, and text bytes per second. A prompt longer than the context is f
 block_size codes and the whole codebook. An empty prompt starts from <|endoftext|>.
 """
 
+import contextlib
 import sys
 import time
 from dataclasses import dataclass
@@ -32,6 +33,10 @@ class SampleConfig:
     top_k: int = 200              # sample among the k likeliest codes; 0: all of them
     seed: int = 1337              # same seed, checkpoint and settings: same samples
     device: str = "auto"          # "cpu", "cuda", "cuda:1", ...; auto: cuda when there is one
+    dtype: str = "auto"           # float32, bfloat16 or float16 (autocast, as nanoGPT); auto: bfloat16
+                                  # on a GPU that has it, else float32 (the KV cache follows it)
+    compile: bool = False         # compile the decoding step once (a CUDA graph per step on a GPU);
+                                  # the first sample pays for the compilation
     color: object = None          # None: colour on a terminal only; True/False force it on or off
 
 
@@ -58,7 +63,8 @@ def setup(argv):
               ("max_new_tokens", cfg.max_new_tokens >= 0, "0 or more"),
               ("temperature", cfg.temperature >= 0, "0 (greedy) or more"),
               ("top_k", cfg.top_k >= 0, "0 (all codes) or more"),
-              ("color", cfg.color in (None, True, False), "True or False"))
+              ("color", cfg.color in (None, True, False), "True or False"),
+              ("dtype", cfg.dtype in ("auto", "float32", "bfloat16", "float16"), "auto, float32, bfloat16 or float16"))
     device = cli.device(cfg.device)
     text = read_prompt(cfg.start)
     model, _ = cli.load_checkpoint(cfg.out_dir, device)
@@ -69,6 +75,10 @@ def main(argv=None):
     with cli.one_line_errors():
         cfg, device, model, tok, text = setup(sys.argv[1:] if argv is None else argv)
     model.eval()
+    cuda = device.startswith("cuda")
+    dtype = cfg.dtype if cfg.dtype != "auto" else "bfloat16" if cuda and torch.cuda.is_bf16_supported() else "float32"
+    ctx = contextlib.nullcontext() if dtype == "float32" else \
+        torch.autocast("cuda" if cuda else "cpu", dtype=getattr(torch, dtype))
     color = sys.stdout.isatty() if cfg.color is None else cfg.color
     settings = (tok.vocab_size, tok.max_codebook_size, tok.max_subtokens, tok.disabled_ids)
 
@@ -86,7 +96,8 @@ def main(argv=None):
     torch.manual_seed(cfg.seed)
     for i in range(cfg.num_samples):
         t0 = time.perf_counter()
-        row = model.generate([prompt], cfg.max_new_tokens, cfg.temperature, cfg.top_k or None)[0]
+        with ctx:
+            row = model.generate([prompt], cfg.max_new_tokens, cfg.temperature, cfg.top_k or None, cfg.compile)[0]
         if device.startswith("cuda"):
             torch.cuda.synchronize()
         seconds = time.perf_counter() - t0

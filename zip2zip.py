@@ -268,7 +268,7 @@ def gpt2_bpe(path=None):
             data = f.read()
     except OSError as e:
         raise OSError(f"GPT-2's BPE ranks (r50k_base) are missing: {e}; they ship with the repository "
-                      f"as {os.path.relpath(RANKS)} (restore it with git checkout)") from None
+                      f"as {os.path.relpath(RANKS, os.path.dirname(os.path.abspath(__file__)))} (restore it with git checkout)") from None
     if hashlib.sha256(data).hexdigest() != RANKS_SHA256:
         raise OSError(f"{path} is damaged (its sha256 is not r50k_base's): restore it with git checkout")
     ranks = {base64.b64decode(tok): int(rank) for tok, rank in (line.split() for line in data.splitlines() if line)}

@@ -102,6 +102,18 @@ def test_stats_count_the_generated_text(capsys, ckpt, tok):
         - len(lzw_decode(prompt, tok.vocab_size, 1024, 4, tok.disabled_ids))
 
 
+def test_bfloat16_greedy_sample_matches_the_model(capsys, ckpt, tok):
+    # --dtype=bfloat16 runs under autocast (on the CPU here): the sample is the model's own
+    # greedy continuation in bf16, and it decodes
+    out = run(capsys, ckpt, f"--start={CODE}", "--temperature=0", "--num_samples=1", "--dtype=bfloat16",
+              "--color=False")
+    model, _ = cli.load_checkpoint(ckpt)
+    prompt = tok.encode("<|endoftext|>" + CODE)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        row = model.eval().generate([prompt], 6, temperature=0)[0]
+    assert cli.show(tok, row[1:], False, len(prompt) - 1) in out
+
+
 def test_digit_disabled_checkpoint(capsys, tmp_path):
     digits = sorted(Tokenizer(4, 1024, no_digit_merges=True).disabled_ids)
     path = save(tmp_path / "ckpt.pt", disabled_ids=tuple(digits))
@@ -120,6 +132,7 @@ def test_digit_disabled_checkpoint(capsys, tmp_path):
     (["--num_samples=-1"], "--num_samples=-1: expected 0 or more"),
     (["--max_new_tokens=-1"], "--max_new_tokens=-1: expected 0 or more"),
     (["--device=gpu"], "--device=gpu: unknown device"),
+    (["--dtype=float8"], "--dtype=float8: expected auto, float32, bfloat16 or float16"),
     # the device is checked before the checkpoint is read: a bad device never blames the file
     (["--device=gpu", "--out_dir=/nonexistent/out"], "--device=gpu: unknown device"),
 ] + ([(["--device=cuda"], "--device=cuda: CUDA is not available")] if not torch.cuda.is_available() else []))

@@ -82,7 +82,8 @@ def _coerce(value, default, where):
 
 
 def configure(config, args, presets=True):
-    """Apply preset files and `--key=value` overrides to a dataclass instance, in order.
+    """Apply preset files and `--key=value` overrides (`--flag` alone: True) to a dataclass instance,
+    in order.
 
     A preset (`config/name.py`) is a file of `key = literal` lines: parsed, never executed.
     Unknown keys and values of the wrong type raise ValueError naming them. `--help` or `-h`
@@ -105,8 +106,10 @@ def configure(config, args, presets=True):
     for arg in args:
         if arg.startswith("--"):
             key, eq, value = arg[2:].partition("=")
-            if not eq:
-                raise ValueError(f"{arg}: expected --key=value (see --help)")
+            if not eq and key in known:   # a bare --flag sets a True/False setting
+                if type(getattr(config, key)) is not bool:
+                    raise ValueError(f"{arg}: expected --key=value (see --help)")
+                value = True
             set_value(key, value, arg)
         elif presets and arg.endswith(".py"):
             if not os.path.isfile(arg):

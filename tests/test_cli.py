@@ -225,3 +225,28 @@ def test_show_skips_the_prompt(tok):
     assert tok.segments(codes[:n]) == tok.segments(codes)[:n]    # the split falls between two codes
     shown = cli.show(tok, codes, color=False, skip=n)
     assert unmark(shown, "⟦", "⟧") == more and "⟦" in shown.split("\n", 1)[1]   # decoded with the prompt's codebook
+
+
+def test_configure_reads_flags_values_and_presets(tmp_path):
+    from dataclasses import dataclass
+
+    @dataclass
+    class Settings:
+        fast: bool = False      # a switch
+        n: int = 1              # a number
+        name: str = "a"         # a string
+
+    preset = tmp_path / "p.py"
+    preset.write_text("n = 3\nname = 'b'\n")
+    cfg = Settings()
+    assert cli.configure(cfg, [str(preset), "--fast", "--n=5", "rest"]) == ["rest"]
+    assert (cfg.fast, cfg.n, cfg.name) == (True, 5, "b")
+    cli.configure(cfg, ["--fast=False"])
+    assert cfg.fast is False
+    for bad, message in ((["--n"], "--n: expected --key=value"), (["--n=x"], "expected int"),
+                         (["--nope"], "unknown key 'nope'")):
+        with pytest.raises(ValueError, match=message):
+            cli.configure(Settings(), bad)
+    preset.write_text("import os\n")
+    with pytest.raises(ValueError, match="only `key = literal` lines"):
+        cli.configure(Settings(), [str(preset)])

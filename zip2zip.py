@@ -755,7 +755,7 @@ class GPT(nn.Module):
         if len(codes) <= self.config.block_size + 1:
             idx, tgt = torch.tensor([codes[:-1]], device=self.device), torch.tensor([codes[1:]], device=self.device)
             return token_nll(self(idx)[0], tgt).sum().item()
-        dec, total = Decoder(self, [codes[:1]]), 0.0
+        dec, total = Decoder(self, [codes[:1]], temperature=0), 0.0   # (greedy: no draws to waste)
         for code in codes[1:]:
             total -= F.log_softmax(dec.logits.float(), dim=-1)[0, code].item()
             dec.advance([code])
@@ -794,7 +794,7 @@ class GPT(nn.Module):
                 choices[p].append((c.vocab_size + lzw.n_entries, len(pend)))
         # paths[p]: (log-prob, decoder, row, code): a path that read ids[:p], ending with `code`
         # read on top of that decoder row (None: the row has read it already)
-        paths, done = {1: [(0.0, Decoder(self, [ids[:1]]), 0, None)]}, []
+        paths, done = {1: [(0.0, Decoder(self, [ids[:1]], temperature=0), 0, None)]}, []
         for p in range(1, len(ids)):
             beam = sorted(paths.pop(p, []), key=lambda path: -path[0])[:beam_size]
             if not beam:
@@ -887,14 +887,13 @@ def sample(logits, temperature, top_k):
     distribution as torch.multinomial, with no host sync)."""
     dead = torch.isneginf(logits).all(-1)
     if temperature == 0 or top_k == 1:
-        nxt = logits.argmax(-1)
-    else:
-        logits = logits.float() / temperature
-        if top_k is not None:
-            kth = torch.topk(logits, min(top_k, logits.size(-1))).values[:, -1:]
-            logits = logits.masked_fill(logits < kth, float("-inf"))
-        probs = F.softmax(logits, dim=-1)
-        nxt = (probs / torch.empty_like(probs).exponential_(1)).argmax(-1)
+        return logits.argmax(-1).masked_fill(dead, -1)
+    logits, top = logits.float() / temperature, None
+    if top_k is not None:
+        logits, top = torch.topk(logits, min(top_k, logits.size(-1)))     # (B, k) and their codes
+    probs = F.softmax(logits, dim=-1)
+    nxt = (probs / torch.empty_like(probs).exponential_(1)).argmax(-1)
+    nxt = nxt if top is None else top.gather(-1, nxt[:, None])[:, 0]
     return nxt.masked_fill(dead, -1)
 
 

@@ -1,5 +1,6 @@
 """
-Training batches built in the background, and moved to the device.
+The data of training: token files checked, windows of base tokens compressed into batches (and
+into the fixed validation windows), batches built in the background and moved to the device.
 
 The LZW codec is pure Python, so building a batch takes real CPU time: workers (processes, to
 sidestep the GIL, or threads) build the next batches while the model trains, and measure how fast
@@ -20,9 +21,75 @@ import time
 import numpy as np
 import torch
 
-from zip2zip import HyperBatch
+from zip2zip import HyperBatch, hyper_batch, lzw_encode, lzw_encode_window
 
+EOT = 50256  # <|endoftext|>: a wall between documents, never merged, 0 bytes of text
 HYPER_FIELDS = tuple(f.name for f in dataclasses.fields(HyperBatch))
+
+# -----------------------------------------------------------------------------
+# Token files, training batches, validation windows
+
+
+def check_tokens(path, vocab_size):
+    """ValueError unless the file holds uint16 base ids < vocab_size. One pass, in chunks (a file
+    may be larger than memory) and fast: a bad id would otherwise fail only when a batch happens
+    to draw it, perhaps hours in."""
+    size = os.path.getsize(path)
+    if size == 0 or size % 2:
+        raise ValueError(f"{path}: {size} bytes; expected uint16 token ids (a positive, even size)")
+    data = np.memmap(path, dtype=np.uint16, mode="r")
+    for i in range(0, len(data), 1 << 24):
+        bad = np.flatnonzero(data[i:i + (1 << 24)] >= vocab_size)
+        if len(bad):
+            raise ValueError(f"{path}: token {i + bad[0]} is {data[i + bad[0]]}, not a base id (< {vocab_size})")
+
+
+def build_batch(data, starts, block_size, model_config, byte_lengths):
+    """Compress the window at each start (fresh codebook) until block_size + 1 codes came out.
+
+    data: uint16 base ids; byte_lengths: UTF-8 bytes per base id. Returns x, y (B, block_size)
+    int64 with y = x shifted, the HyperBatch of x (None if plain), and n_bytes of text the targets
+    stand for. Example (M=4): [a, b, a, b, a, ..] -> codes [a, b, V, a, ..]: x = [a, b, V, ..],
+    y = [b, V, a, ..]. A window that meets the end of the data is padded (x: EOT, y: -1, ignored).
+    """
+    c = model_config
+    pad = EOT if EOT in c.disabled_ids else 0
+    xs, ys, n_bytes = [], [], 0
+    for s in map(int, starts):
+        codes, n_base = lzw_encode_window(data, s, block_size + 1, c.vocab_size, c.max_codebook_size,
+                                          c.max_subtokens, c.disabled_ids)
+        if len(codes) < 2:
+            raise ValueError(f"window at {s}: fewer than 2 base tokens left in data of length {len(data)}")
+        fill = block_size + 1 - len(codes)
+        xs.append(codes[:-1] + [pad] * fill)
+        ys.append(codes[1:] + [-1] * fill)
+        # a fresh codebook is empty, so the first code is the base id data[s]; targets cover the rest
+        n_bytes += int(byte_lengths[data[s + 1:s + n_base]].sum())
+    hyper = hyper_batch(xs, c.vocab_size, c.max_codebook_size, c.max_subtokens, c.disabled_ids) if c.hyper else None
+    return torch.tensor(xs, dtype=torch.long), torch.tensor(ys, dtype=torch.long), hyper, n_bytes
+
+
+def eval_windows(val, n_windows, block_size, model_config, byte_lengths):
+    """The fixed validation windows, the same text for every model of this block_size.
+
+    val is cut into consecutive windows of block_size base tokens (so a plain model fits them)
+    and n_windows of them, spread evenly, are kept. Each gets an EOT in front (a wall that acts as
+    a beginning of text) and a fresh codebook. Returns [(codes, n_base, n_bytes)].
+    """
+    c, n_total = model_config, len(val) // block_size
+    if n_total < n_windows:
+        raise ValueError(f"--eval_windows={n_windows}: val.bin holds only {n_total} windows of {block_size} tokens")
+    out = []
+    for i in np.linspace(0, n_total - 1, n_windows).round().astype(int):
+        ids = [EOT] + val[i * block_size:(i + 1) * block_size].tolist()
+        codes = lzw_encode(ids, c.vocab_size, c.max_codebook_size, c.max_subtokens, c.disabled_ids)
+        out.append((codes, block_size, int(byte_lengths[ids].sum())))
+    return out
+
+# -----------------------------------------------------------------------------
+# Background workers
+
+
 
 
 def _produce(out, stop, path, get_batch, job, worker, n_workers):

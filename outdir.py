@@ -1,5 +1,5 @@
 """
-What a training run keeps in its out_dir, and how it writes it:
+What a training run keeps in its out_dir, how it writes it, and how it stops with its work saved:
 
     ckpt.pt     the checkpoint: model, optimizer, counters, the run's settings (torch.save of plain
                 tensors, numbers, strings, lists, tuples and dicts: loads with weights_only=True)
@@ -7,12 +7,17 @@ What a training run keeps in its out_dir, and how it writes it:
     train.lock  held by the one training that writes here
 
 Both files are replaced atomically, so a crash, a kill or a full disk at any moment leaves the
-previous version whole; a reader never sees half a file.
+previous version whole; a reader never sees half a file. Ctrl-C stops a run after its current
+step, which train.py then saves; resume_command is how to go on.
 """
 
 import json
 import os
+import shlex
+import signal
 import tempfile
+import threading
+import time
 
 import torch
 
@@ -95,4 +100,38 @@ def read_log(out_dir, upto):
 
 
 def write_log(out_dir, log):
-    atomic_write(os.path.join(out_dir, "log.json"), lambda f: f.write(json.dumps(log, indent=1).encode()))
+    atomic_write(os.path.join(out_dir, "log.json"), lambda f: f.write(json.dumps(log).encode()))
+
+# -----------------------------------------------------------------------------
+# Stopping
+
+
+class Interrupt:
+    """Ctrl-C while training: the first asks the loop to stop after the current step (it saves a
+    checkpoint and says how to resume); a second one ends the process at once. Subtle: torchrun
+    passes the terminal's Ctrl-C on to its workers, so under DDP each rank gets it twice in a few
+    milliseconds; there a second one within a second counts as the same press."""
+
+    def __init__(self, ddp):
+        self.requested, self.ddp, self.at, self.previous = False, ddp, 0.0, None
+        if threading.current_thread() is threading.main_thread():   # only it may handle signals
+            self.previous = signal.signal(signal.SIGINT, self)
+
+    def __call__(self, signum, frame):
+        if self.requested and not (self.ddp and time.monotonic() - self.at < 1.0):
+            os._exit(130)                 # no save, no traceback (the shell's code for Ctrl-C)
+        if not self.requested:            # os.write: print could re-enter a print it interrupted
+            os.write(2, b"\nCtrl-C: stopping after this step, to save it (Ctrl-C again: quit at once)\n")
+        self.requested, self.at = True, time.monotonic()
+
+    def restore(self):
+        if self.previous is not None:
+            signal.signal(signal.SIGINT, self.previous)
+
+
+def resume_command(out_dir, world, *more):
+    """The command that continues the run in out_dir (with `more` settings changed)."""
+    launch = ["torchrun", "--standalone", f"--nproc_per_node={world}"] if world > 1 else ["python"]
+    args = [os.path.relpath(os.path.join(os.path.dirname(os.path.abspath(__file__)), "train.py")),
+            "--init_from=resume", f"--out_dir={out_dir}", *more]
+    return " ".join(launch + [shlex.quote(a) for a in args])

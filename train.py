@@ -32,10 +32,7 @@ What differs from nanoGPT's train.py:
 import math
 import os
 import re
-import shlex
-import signal
 import sys
-import threading
 import time
 from contextlib import ExitStack, closing, nullcontext
 from dataclasses import asdict, dataclass
@@ -50,10 +47,11 @@ import cli
 import loader
 import outdir
 import zip2zip
-from zip2zip import GPT, GPTConfig, hyper_batch, lzw_encode, lzw_encode_window
+from loader import EOT, build_batch, check_tokens, eval_windows
+from meter import Meter, flops_per_batch, hms
+from zip2zip import GPT, GPTConfig
 
 REPO = os.path.dirname(os.path.abspath(__file__))
-EOT = 50256  # <|endoftext|>: a wall between documents, never merged, 0 bytes of text
 
 # -----------------------------------------------------------------------------
 # Settings: every default is the GPU main job; config/cpu.py shrinks it for a CPU
@@ -186,45 +184,6 @@ def resume_config(cfg, argv, cuda, world):
 # Data: random windows of base tokens, each compressed with a fresh codebook
 
 
-def check_tokens(path, vocab_size):
-    """ValueError unless the file holds uint16 base ids < vocab_size. One pass, in chunks (a file
-    may be larger than memory) and fast: a bad id would otherwise fail only when a batch happens
-    to draw it, perhaps hours in."""
-    size = os.path.getsize(path)
-    if size == 0 or size % 2:
-        raise ValueError(f"{path}: {size} bytes; expected uint16 token ids (a positive, even size)")
-    data = np.memmap(path, dtype=np.uint16, mode="r")
-    for i in range(0, len(data), 1 << 24):
-        bad = np.flatnonzero(data[i:i + (1 << 24)] >= vocab_size)
-        if len(bad):
-            raise ValueError(f"{path}: token {i + bad[0]} is {data[i + bad[0]]}, not a base id (< {vocab_size})")
-
-
-def build_batch(data, starts, block_size, model_config, byte_lengths):
-    """Compress the window at each start (fresh codebook) until block_size + 1 codes came out.
-
-    data: uint16 base ids; byte_lengths: UTF-8 bytes per base id. Returns x, y (B, block_size)
-    int64 with y = x shifted, the HyperBatch of x (None if plain), and n_bytes of text the targets
-    stand for. Example (M=4): [a, b, a, b, a, ..] -> codes [a, b, V, a, ..]: x = [a, b, V, ..],
-    y = [b, V, a, ..]. A window that meets the end of the data is padded (x: EOT, y: -1, ignored).
-    """
-    c = model_config
-    pad = EOT if EOT in c.disabled_ids else 0
-    xs, ys, n_bytes = [], [], 0
-    for s in map(int, starts):
-        codes, n_base = lzw_encode_window(data, s, block_size + 1, c.vocab_size, c.max_codebook_size,
-                                          c.max_subtokens, c.disabled_ids)
-        if len(codes) < 2:
-            raise ValueError(f"window at {s}: fewer than 2 base tokens left in data of length {len(data)}")
-        fill = block_size + 1 - len(codes)
-        xs.append(codes[:-1] + [pad] * fill)
-        ys.append(codes[1:] + [-1] * fill)
-        # a fresh codebook is empty, so the first code is the base id data[s]; targets cover the rest
-        n_bytes += int(byte_lengths[data[s + 1:s + n_base]].sum())
-    hyper = hyper_batch(xs, c.vocab_size, c.max_codebook_size, c.max_subtokens, c.disabled_ids) if c.hyper else None
-    return torch.tensor(xs, dtype=torch.long), torch.tensor(ys, dtype=torch.long), hyper, n_bytes
-
-
 def step_rng(seed, rank, it, micro, stream):
     """The generator of one micro-step, a function of these numbers alone (stream 0: data, 1: torch)."""
     return np.random.default_rng([seed, rank, it, micro, stream])
@@ -238,23 +197,6 @@ def get_batch(data, job, j):
     starts = rng.integers(0, len(data) - c.max_subtokens * (c.block_size + 1) + 1, size=job["batch_size"])
     return build_batch(data, starts, c.block_size, c, job["byte_lengths"])
 
-
-def eval_windows(val, n_windows, block_size, model_config, byte_lengths):
-    """The fixed validation windows, the same text for every model of this block_size.
-
-    val is cut into consecutive windows of block_size base tokens (so a plain model fits them)
-    and n_windows of them, spread evenly, are kept. Each gets an EOT in front (a wall that acts as
-    a beginning of text) and a fresh codebook. Returns [(codes, n_base, n_bytes)].
-    """
-    c, n_total = model_config, len(val) // block_size
-    if n_total < n_windows:
-        raise ValueError(f"--eval_windows={n_windows}: val.bin holds only {n_total} windows of {block_size} tokens")
-    out = []
-    for i in np.linspace(0, n_total - 1, n_windows).round().astype(int):
-        ids = [EOT] + val[i * block_size:(i + 1) * block_size].tolist()
-        codes = lzw_encode(ids, c.vocab_size, c.max_codebook_size, c.max_subtokens, c.disabled_ids)
-        out.append((codes, block_size, int(byte_lengths[ids].sum())))
-    return out
 
 # -----------------------------------------------------------------------------
 # Model: from scratch, from a checkpoint (resume or adapt), or from GPT-2; LoRA (adapt.py)
@@ -274,31 +216,8 @@ def make_model(cfg, mconf, resumed=None):
     return model
 
 
-def flops_per_batch(model, B, T, hyper):
-    """Model FLOPs of one forward and backward pass over a (B, T) batch: nanoGPT's estimate_mfu,
-    plus what zip2zip adds. Per code: 6 per weight of the blocks and the output layer (2 forward,
-    4 backward), 12 L d T for attention, 6 d K for the K hypertoken logits. Per unique hypertoken,
-    in each hyper-encoder: 6 per weight per slot (its output projection: once), attention over the
-    M slots; and the reconstruction head's M slots of d x d then d x V. Frozen weights (LoRA) are
-    counted as trained, as nanoGPT does. Tested against torch's FLOP counter."""
-    c, d, M = model.config, model.config.n_embd, model.config.max_subtokens
-    K = hyper.entries.size(1) if hyper is not None else 0
-    trunk = sum(p.numel() for p in model.transformer.h.parameters()) + c.vocab_size * d
-    flops = (6 * trunk + 12 * c.n_layer * d * T + 6 * d * K) * B * T
-    if hyper is not None:
-        U, encoders = hyper.contents.size(0), {model.hyper_in, model.hyper_out}
-        weights = sum(p.numel() * (0 if n == "slot_pos" else 1 if n.startswith("proj.") else M)
-                      for e in encoders for n, p in e.named_parameters())
-        flops += U * (6 * weights + len(encoders) * 12 * c.hyper_n_layer * c.hyper_n_embd * M * M)
-        if c.recon_lambda > 0:
-            flops += 6 * min(U, c.recon_max_entries) * M * (d * d + d * c.vocab_size)
-    return flops
-
-
-BF16_PEAK = {"A100": 312e12, "H100": 989e12, "H200": 989e12}   # dense bf16 FLOP/s of one GPU (datasheets)
-
 # -----------------------------------------------------------------------------
-# Optimizer, evaluation, learning-rate schedule, stopping
+# Optimizer, evaluation, learning-rate schedule
 
 
 def configure_optimizer(model, cfg, device_type):
@@ -357,39 +276,6 @@ def get_lr(cfg, it, seconds):
     coeff = 0.5 * (1.0 + math.cos(math.pi * min(frac, 1.0)))     # 1 -> 0
     return cfg.min_lr + coeff * (cfg.learning_rate - cfg.min_lr)
 
-
-class Interrupt:
-    """Ctrl-C while training: the first asks the loop to stop after the current step (it saves a
-    checkpoint and says how to resume); a second one ends the process at once. Subtle: torchrun
-    passes the terminal's Ctrl-C on to its workers, so under DDP each rank gets it twice in a few
-    milliseconds; there a second one within a second counts as the same press."""
-
-    def __init__(self, ddp):
-        self.requested, self.ddp, self.at, self.previous = False, ddp, 0.0, None
-        if threading.current_thread() is threading.main_thread():   # only it may handle signals
-            self.previous = signal.signal(signal.SIGINT, self)
-
-    def __call__(self, signum, frame):
-        if self.requested and not (self.ddp and time.monotonic() - self.at < 1.0):
-            os._exit(130)                 # no save, no traceback (the shell's code for Ctrl-C)
-        if not self.requested:            # os.write: print could re-enter a print it interrupted
-            os.write(2, b"\nCtrl-C: stopping after this step, to save it (Ctrl-C again: quit at once)\n")
-        self.requested, self.at = True, time.monotonic()
-
-    def restore(self):
-        if self.previous is not None:
-            signal.signal(signal.SIGINT, self.previous)
-
-
-def resume_command(cfg, world, *more):
-    launch = ["torchrun", "--standalone", f"--nproc_per_node={world}"] if world > 1 else ["python"]
-    args = [os.path.relpath(os.path.abspath(__file__)), "--init_from=resume", f"--out_dir={cfg.out_dir}", *more]
-    return " ".join(launch + [shlex.quote(a) for a in args])
-
-
-def hms(seconds):
-    s = max(0, int(seconds))
-    return f"{s // 3600}:{s // 60 % 60:02d}:{s % 60:02d}"
 
 # -----------------------------------------------------------------------------
 
@@ -476,8 +362,6 @@ def _main(argv, held):
     iter_num, train_seconds, best_val_loss = (ckpt[k] for k in ("iter_num", "train_seconds", "best_val_loss")) \
         if ckpt else (0, 0.0, float("inf"))
     log = {"config": asdict(cfg), **(outdir.read_log(cfg.out_dir, iter_num) if ckpt else {"evals": [], "train": []})}
-    peak = next((v for k, v in BF16_PEAK.items() if k in torch.cuda.get_device_name(device)), None) \
-        if device_type == "cuda" else None
     if master:
         n_trained = sum(p.numel() for p in model.parameters() if p.requires_grad)
         print(f"model: {model.get_num_params(False) / 1e6:.2f}M parameters ({n_trained / 1e6:.2f}M trained), "
@@ -503,7 +387,7 @@ def _main(argv, held):
     n_workers = cfg.num_workers or max(1, (os.cpu_count() or 1) // local_world - 2)
     batches = None if finished or cfg.eval_only else \
         held.enter_context(closing(loader.Batches(train_path, job, cfg.loader, n_workers, get_batch)))
-    interrupt = Interrupt(ddp)
+    interrupt = outdir.Interrupt(ddp)
     held.callback(interrupt.restore)
 
     def next_batch():   # on the device, with its number of targets and its FLOPs
@@ -523,8 +407,7 @@ def _main(argv, held):
             saved_iter = iter_num
 
     start_iter = saved_iter = iter_num
-    history, metrics, stop = [], None, False
-    since_log, total = [0, 0, 0.0, 0], [0, 0, 0.0, 0.0]  # codes, bytes, seconds, then FLOPs | CPU seconds
+    history, metrics, stop, meter = [], None, False, Meter(device)
     losses = {"lm": 0.0, "recon": 0.0}
     batch, t_start = batches and next_batch(), time.perf_counter()
     while True:
@@ -551,7 +434,7 @@ def _main(argv, held):
                 save()
         if done or cfg.eval_only:
             break
-        t0, c0, step = time.perf_counter(), time.process_time(), [0, 0, 0]
+        t0, c0 = time.perf_counter(), time.process_time()
         for micro in range(accum):
             x, y, hyper, n_bytes, n_codes, flops = batch
             if ddp:   # sync gradients on the last micro-step only
@@ -563,7 +446,7 @@ def _main(argv, held):
                 loss = loss / accum
             batch = next_batch()            # built in the background meanwhile
             scaler.scale(loss).backward()
-            step = [step[0] + n_codes * world, step[1] + n_bytes * world, step[2] + flops]
+            meter.add(codes=n_codes * world, bytes=n_bytes * world, flops=flops)
             for k in losses:
                 losses[k] += raw_model.last_losses.get(k, torch.zeros(())) / accum
         if cfg.grad_clip > 0:
@@ -575,8 +458,7 @@ def _main(argv, held):
         loader.release_freed_memory()
         dt = time.perf_counter() - t0
         train_seconds += dt
-        since_log = [since_log[0] + step[0], since_log[1] + step[1], since_log[2] + dt, since_log[3] + step[2]]
-        total = [total[0] + step[0], total[1] + step[1], total[2] + dt, total[3] + time.process_time() - c0]
+        meter.add(seconds=dt, cpu=time.process_time() - c0)
         iter_num += 1
         if iter_num % cfg.log_interval == 0 or iter_num == start_iter + 1:
             n = iter_num - (history[-1][0] if history else start_iter)
@@ -584,38 +466,36 @@ def _main(argv, held):
             history.append((iter_num, lm, recon))
             log["train"].append({"iter": iter_num, "train_seconds": train_seconds, "loss": lm, "recon": recon})
             if master:
-                codes, n_bytes, seconds, flops = since_log
                 wall = time.perf_counter() - t_start            # evaluations included
                 left = (cfg.max_iters - iter_num) * wall / (iter_num - start_iter)
                 if cfg.max_seconds > 0:   # the time budget counts training steps only
-                    left = min(left, (cfg.max_seconds - train_seconds) * wall / total[2])
-                speed = f"{flops / seconds / 1e9:,.1f} GFLOP/s" if device_type == "cpu" else \
-                    f"{flops / seconds / 1e12:,.1f} TFLOP/s" + (f" (MFU {flops / seconds / peak:.1%})" if peak else "")
-                # what the workers can build over what the steps consume: below 1x the codec holds training back
-                feed = f", loader {batches.speed() * world * seconds / codes:.1f}x" if cfg.loader != "sync" else ""
+                    left = min(left, (cfg.max_seconds - train_seconds) * wall / meter.total["seconds"])
+                built = cfg.loader != "sync" and batches.speed()      # codes/s the workers can build
                 print(f"iter {iter_num}: loss {lm:.4f}" + (f", recon {recon:.4f}" if mconf.hyper else "") +
-                      f", lr {lr:.2e}, {1000 * dt:.0f} ms, {codes / seconds:,.0f} codes/s, {n_bytes / seconds:,.0f} "
-                      f"bytes/s, {speed}{feed}; {hms(wall)} elapsed, ETA {hms(left)}")
-            losses, since_log = {k: 0.0 for k in losses}, [0, 0, 0.0, 0]
+                      f", lr {lr:.2e}, {1000 * dt:.0f} ms, {meter.report(built, world)}; "
+                      f"{hms(wall)} elapsed, ETA {hms(left)}")
+            losses = {k: 0.0 for k in losses}
 
     # -------------------------------------------------------------------------- the end: summary, sample
-    interrupt.restore()                     # from here on Ctrl-C just ends the process
-    codes_s, bytes_s = (v / max(total[2], 1e-9) for v in total[:2])
+    total = meter.total
+    codes_s, bytes_s = (total[k] / max(total["seconds"], 1e-9) for k in ("codes", "bytes"))
     if writes and stop:
         save()
-        print(f"stopped at step {iter_num}, saved in {ckpt_path}; to continue: {resume_command(cfg, world)}"
-              if saved_iter == iter_num and os.path.exists(ckpt_path) else f"stopped at step {iter_num}: nothing to save")
-    elif master and total[2] > 0:
-        print(f"trained {iter_num - start_iter} steps in {total[2]:.0f} s ({total[3]:.0f} s of CPU): {codes_s:,.0f} "
-              f"codes/s, {bytes_s:,.0f} bytes of text/s; val {metrics['bpb']:.4f} bits per byte at "
+        print(f"stopped at step {iter_num}, saved in {ckpt_path}; to continue: "
+              f"{outdir.resume_command(cfg.out_dir, world)}" if saved_iter == iter_num and os.path.exists(ckpt_path)
+              else f"stopped at step {iter_num}: nothing to save")
+    elif master and total["seconds"] > 0:
+        print(f"trained {iter_num - start_iter} steps in {total['seconds']:.0f} s ({total['cpu']:.0f} s of CPU): "
+              f"{codes_s:,.0f} codes/s, {bytes_s:,.0f} bytes of text/s; val {metrics['bpb']:.4f} bits per byte at "
               f"{metrics['ratio']:.3f} codes per base token; checkpoint {ckpt_path}")
     elif master and finished and ckpt and not cfg.eval_only:
         limit, more = (f"--max_iters={cfg.max_iters}", f"--max_iters={2 * iter_num}") if iter_num >= cfg.max_iters \
             else (f"--max_seconds={cfg.max_seconds:g}", f"--max_seconds={2 * cfg.max_seconds:g}")
         print(f"{ckpt_path} is at step {iter_num}: {limit} is reached, nothing to train. To train longer: "
-              f"{resume_command(cfg, world, more)}")
+              f"{outdir.resume_command(cfg.out_dir, world, more)}")
     elif master and finished and not cfg.eval_only:
         print(f"--max_iters={cfg.max_iters}: evaluated the model as it starts, trained nothing, saved nothing")
+    interrupt.restore()                     # from here on Ctrl-C just ends the process
     if master and cfg.sample_tokens > 0 and not stop:
         torch.manual_seed(cfg.seed)
         raw_model.eval()
@@ -629,7 +509,7 @@ def _main(argv, held):
     if stop:
         raise SystemExit(130)           # interrupted: not a success (the shell's code for Ctrl-C)
     return {"history": history, "val": metrics, "iter_num": iter_num, "train_seconds": train_seconds,
-            "codes_per_s": codes_s, "bytes_per_s": bytes_s, "cpu_seconds": total[3]}
+            "codes_per_s": codes_s, "bytes_per_s": bytes_s, "cpu_seconds": total["cpu"]}
 
 
 if __name__ == "__main__":

@@ -24,6 +24,7 @@ import torch
 import adapt
 import cli
 import loader
+import meter
 import outdir
 import train
 import zip2zip
@@ -182,7 +183,7 @@ def test_flops_per_batch_counts_what_torch_counts():
         hyper = model.hyper_batch(x.tolist()) if M > 1 else None
         with FlopCounterMode(display=False) as fc, sdpa_kernel(SDPBackend.MATH):
             model(x, y, hyper=hyper)[1].backward()
-        counted[M] = fc.get_total_flops(), train.flops_per_batch(model, 3, 64, hyper)
+        counted[M] = fc.get_total_flops(), meter.flops_per_batch(model, 3, 64, hyper)
     (plain, plain_est), (z, z_est) = counted[1], counted[4]
     assert z_est == pytest.approx(z, rel=0.02) and plain_est == pytest.approx(plain, rel=0.02)
     assert z_est - plain_est == pytest.approx(z - plain, rel=0.02)
@@ -366,7 +367,7 @@ def test_a_second_ctrl_c_quits_at_once(monkeypatch):
     monkeypatch.setattr(os, "_exit", exits.append)
     for ddp in (False, True):
         exits.clear()
-        stop = train.Interrupt(ddp)
+        stop = outdir.Interrupt(ddp)
         try:
             os.kill(os.getpid(), signal.SIGINT)    # handled in this (the main) thread, before kill returns
             assert stop.requested and exits == []  # the first: stop after this step

@@ -5,7 +5,8 @@ adds), the counts behind train.py's log lines, and model FLOPs utilisation again
 
 import torch
 
-BF16_PEAK = {"A100": 312e12, "H100": 989e12, "H200": 989e12}   # dense bf16 FLOP/s of one GPU (datasheets)
+# dense bf16 FLOP/s of one GPU (NVIDIA's datasheets), by a part of torch.cuda.get_device_name; first match wins
+BF16_PEAK = {"A100": 312e12, "H100 PCIe": 756e12, "H100": 989e12, "H200": 989e12}
 
 
 def flops_per_batch(model, B, T, hyper):
@@ -52,9 +53,10 @@ class Meter:
                 acc[k] += v
 
     def report(self, codes_built=None, world=1):
-        """Since the last report: codes/s, bytes/s, FLOP/s (and MFU on a GPU of BF16_PEAK); given
-        the codes/s one rank's loader can build, how many times what the steps use (below 1x, the
-        codec holds training back: more --num_workers, if there are cores)."""
+        """Since the last report: codes/s, bytes/s, model FLOP/s (on a GPU of BF16_PEAK also MFU,
+        against the bf16 peak whatever the dtype); given the codes/s one rank's loader can build, how
+        many times what the steps use (below 1x the codec holds training back: more --num_workers,
+        if there are cores)."""
         s, self.since = self.since, dict.fromkeys(self.since, 0)
         scale, unit = self.unit
         flops = s["flops"] / s["seconds"]

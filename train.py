@@ -63,7 +63,7 @@ class TrainConfig:
     out_dir: str = "out"                # ckpt.pt and log.json go here (out*/ is git-ignored)
     init_from: str = "scratch"          # scratch | resume | gpt2, gpt2-medium/-large/-xl | a folder holding a ckpt.pt to adapt
     overwrite: bool = False             # a new run refuses to replace an existing out_dir/ckpt.pt unless True
-    eval_interval: int = 250            # steps between evaluations, each followed by a checkpoint
+    eval_interval: int = 250            # steps between evaluations, each followed by a checkpoint and log.json
     eval_windows: int = 256             # fixed validation windows of block_size base tokens (~18% of pycode val)
     log_interval: int = 10              # steps between log lines (each one syncs the device)
     eval_only: bool = False             # evaluate the model as loaded, then stop (writes nothing)
@@ -181,7 +181,7 @@ def resume_config(cfg, argv, cuda, world):
     return new, resumed
 
 # -----------------------------------------------------------------------------
-# Data: random windows of base tokens, each compressed with a fresh codebook
+# Data: random windows of base tokens, each compressed with a fresh codebook (loader.build_batch)
 
 
 def step_rng(seed, rank, it, micro, stream):
@@ -384,11 +384,11 @@ def _main(argv, held):
     writes = writes and not finished
     job = dict(first=iter_num * accum, accum=accum, seed=cfg.seed, rank=rank, batch_size=cfg.batch_size,
                mconf=mconf, byte_lengths=tokenizer.byte_lengths)
+    interrupt = outdir.Interrupt(ddp)           # Ctrl-C: stop after the current step, and save it
+    held.callback(interrupt.restore)
     n_workers = cfg.num_workers or max(1, (os.cpu_count() or 1) // local_world - 2)
     batches = None if finished or cfg.eval_only else \
         held.enter_context(closing(loader.Batches(train_path, job, cfg.loader, n_workers, get_batch)))
-    interrupt = outdir.Interrupt(ddp)
-    held.callback(interrupt.restore)
 
     def next_batch():   # on the device, with its number of targets and its FLOPs
         x, y, hyper, n_bytes = batches.next()
@@ -495,8 +495,8 @@ def _main(argv, held):
               f"{outdir.resume_command(cfg.out_dir, world, more)}")
     elif master and finished and not cfg.eval_only:
         print(f"--max_iters={cfg.max_iters}: evaluated the model as it starts, trained nothing, saved nothing")
-    interrupt.restore()                     # from here on Ctrl-C just ends the process
     if master and cfg.sample_tokens > 0 and not stop:
+        interrupt.restore()                 # Ctrl-C now just ends the process: all is saved
         torch.manual_seed(cfg.seed)
         raw_model.eval()
         with ctx:

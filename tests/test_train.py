@@ -169,7 +169,7 @@ def test_eval_matches_model_nll_on_the_same_text(data_dir, tok):
 def test_flops_per_batch_counts_what_torch_counts():
     """The estimate behind the MFU in the log, against torch's FLOP counter on one forward and
     backward pass (attention as plain matmuls, so that it counts them), a small vocabulary so that
-    the hypertoken parts weigh: within 2% in total and in what zip2zip adds to a plain GPT."""
+    the hypertoken parts weigh: within 2% in total, 1% in what zip2zip adds to a plain GPT."""
     from torch.nn.attention import SDPBackend, sdpa_kernel
     from torch.utils.flop_counter import FlopCounterMode
     rng, counted = np.random.default_rng(0), {}
@@ -186,7 +186,7 @@ def test_flops_per_batch_counts_what_torch_counts():
         counted[M] = fc.get_total_flops(), meter.flops_per_batch(model, 3, 64, hyper)
     (plain, plain_est), (z, z_est) = counted[1], counted[4]
     assert z_est == pytest.approx(z, rel=0.02) and plain_est == pytest.approx(plain, rel=0.02)
-    assert z_est - plain_est == pytest.approx(z - plain, rel=0.02)
+    assert z_est - plain_est == pytest.approx(z - plain, rel=0.01)
 
 # -----------------------------------------------------------------------------
 # training

@@ -10,41 +10,48 @@ Train a zip2zip GPT, or the plain GPT it is compared with, in the manner of nano
 
 With no arguments on a CUDA machine it trains the TrainConfig defaults: a small GPT on the Python
 standard library (data/pycode, prepared first if missing), bf16, compiled blocks. Without CUDA
-it says so and applies config/cpu.py first: about 10 minutes on 2 cores. Settings apply in
-order: TrainConfig defaults, config/cpu.py when there is no CUDA, then the command line (preset
-files `config/x.py` of `key = literal` lines, and --key=value), left to right.
+it says so and applies config/cpu.py first. Settings apply in order: TrainConfig defaults,
+config/cpu.py when there is no CUDA, then the command line (preset files `config/x.py` of
+`key = literal` lines, and --key=value), left to right; all are checked before any work.
+
+A run writes out_dir/ckpt.pt and out_dir/log.json (curves, for plots: outdir.py has its format)
+and holds out_dir/train.lock, so a second training into the same folder is refused. Ctrl-C stops
+after the current step, saves, and prints the command that resumes.
 
 What differs from nanoGPT's train.py:
 - a training example is a random window of base tokens compressed with a fresh LZW codebook
   until block_size + 1 codes came out (DESIGN.md 4); the codec is pure Python, so background
-  workers build batches while the model trains;
+  workers (loader.py) build batches while the model trains;
 - validation runs on fixed windows of base tokens and reports bits per byte (the one fair
   yardstick between a plain and a zip2zip model) and the length ratio codes / base tokens;
-- a run can start from a plain checkpoint or from GPT-2, in full or with LoRA;
+- a run can start from a plain checkpoint or from GPT-2, in full or with LoRA (adapt.py);
 - every random draw is a function of (seed, rank, step), so a resumed run repeats an
   uninterrupted one exactly, whatever ran before.
 """
 
 import math
 import os
-import queue
+import re
 import sys
-import threading
 import time
-from contextlib import nullcontext
-from dataclasses import asdict, dataclass, fields
+from contextlib import ExitStack, closing, nullcontext
+from dataclasses import asdict, dataclass
 
 import numpy as np
 import torch
 import torch.nn as nn
 from torch.nn import functional as F
 
+import adapt
 import cli
+import loader
+import outdir
 import zip2zip
-from zip2zip import GPT, GPTConfig, HyperBatch, hyper_batch, lzw_encode, lzw_encode_window
+from loader import EOT, build_batch, check_tokens, eval_windows
+from meter import Meter, flops_per_batch, hms
+from zip2zip import GPT, GPTConfig
 
 REPO = os.path.dirname(os.path.abspath(__file__))
-EOT = 50256  # <|endoftext|>: a wall between documents, never merged, 0 bytes of text
 
 # -----------------------------------------------------------------------------
 # Settings: every default is the GPU main job; config/cpu.py shrinks it for a CPU
@@ -53,13 +60,13 @@ EOT = 50256  # <|endoftext|>: a wall between documents, never merged, 0 bytes of
 @dataclass
 class TrainConfig:
     # I/O
-    out_dir: str = "out"                # ckpt.pt goes here (out*/ is git-ignored)
+    out_dir: str = "out"                # ckpt.pt and log.json go here (out*/ is git-ignored)
     init_from: str = "scratch"          # scratch | resume | gpt2, gpt2-medium/-large/-xl | a folder holding a ckpt.pt to adapt
     overwrite: bool = False             # a new run refuses to replace an existing out_dir/ckpt.pt unless True
-    eval_interval: int = 250            # steps between evaluations, each followed by a checkpoint
+    eval_interval: int = 250            # steps between evaluations, each followed by a checkpoint and log.json
     eval_windows: int = 256             # fixed validation windows of block_size base tokens (~18% of pycode val)
     log_interval: int = 10              # steps between log lines (each one syncs the device)
-    eval_only: bool = False             # evaluate the model as loaded, then stop
+    eval_only: bool = False             # evaluate the model as loaded, then stop (writes nothing)
     sample_tokens: int = 256            # codes generated at the end, to see what was learned (0: none)
     # data
     dataset: str = "pycode"             # data/<name>/ (prepared if missing), or a path to a folder with train.bin, val.bin
@@ -108,73 +115,73 @@ class TrainConfig:
 
 MODEL_KEYS = ("block_size", "n_layer", "n_head", "n_embd", "dropout", "bias", "max_subtokens", "max_codebook_size",
               "hyper_n_layer", "hyper_n_embd", "hyper_n_head", "tie_weights", "recon_lambda", "recon_max_entries")
-ARCH_KEYS = ("n_layer", "n_head", "n_embd", "bias", "tie_weights")  # what adapting takes from the source
-GPT2_SIZES = {"gpt2": (12, 12, 768), "gpt2-medium": (24, 16, 1024), "gpt2-large": (36, 20, 1280),
-              "gpt2-xl": (48, 25, 1600)}
 
 
-def read_config(argv, cuda):
-    """(TrainConfig, (model, checkpoint) when resuming else None) from the command line.
-    ValueError says what is wrong."""
+def check_config(cfg, cuda, world):
+    """ValueError naming the first setting that cannot work. It reads no file, so it runs before
+    any checkpoint or data is loaded, and a typo is never blamed on them."""
+    c = cfg
+    device_ok = re.fullmatch(r"auto|cpu|mps|cuda(:\d+)?", c.device)
+    rules = (  # (setting, whether its value can work, what it must be)
+        ("n_layer", c.n_layer >= 1, "at least 1"), ("n_head", c.n_head >= 1, "at least 1"),
+        ("n_embd", c.n_embd >= 1 and c.n_embd % max(c.n_head, 1) == 0, f"a positive multiple of --n_head={c.n_head}"),
+        ("hyper_n_layer", c.hyper_n_layer >= 0, "0 or more"), ("hyper_n_head", c.hyper_n_head >= 1, "at least 1"),
+        ("hyper_n_embd", c.hyper_n_embd >= 0 and c.hyper_n_embd % max(c.hyper_n_head, 1) == 0,
+         f"0 (n_embd // 4) or a multiple of --hyper_n_head={c.hyper_n_head}"),
+        ("block_size", c.block_size >= 2, "at least 2"), ("max_subtokens", c.max_subtokens >= 1, "at least 1"),
+        ("max_codebook_size", c.max_codebook_size >= 0, "0 or more"), ("dropout", 0 <= c.dropout < 1, "in [0, 1)"),
+        ("recon_lambda", c.recon_lambda >= 0, "0 or more"), ("recon_max_entries", c.recon_max_entries >= 0, "0 or more"),
+        ("lora_rank", c.lora_rank >= 0, "0 (off) or more"), ("batch_size", c.batch_size >= 1, "at least 1"),
+        ("gradient_accumulation_steps", c.gradient_accumulation_steps >= 1 and c.gradient_accumulation_steps % world == 0,
+         f"a positive multiple of the {world} processes"),
+        ("eval_interval", c.eval_interval >= 1, "at least 1"), ("eval_windows", c.eval_windows >= 1, "at least 1"),
+        ("log_interval", c.log_interval >= 1, "at least 1"), ("sample_tokens", c.sample_tokens >= 0, "0 or more"),
+        ("learning_rate", c.learning_rate >= 0, "0 or more"), ("min_lr", c.min_lr >= 0, "0 or more"),
+        ("max_iters", c.max_iters >= 0, "0 or more"), ("max_seconds", c.max_seconds >= 0, "0 (no limit) or more"),
+        ("warmup_iters", c.warmup_iters >= 0, "0 or more"), ("lr_decay_iters", c.lr_decay_iters >= 0, "0 or more"),
+        ("weight_decay", c.weight_decay >= 0, "0 or more"), ("grad_clip", c.grad_clip >= 0, "0 (off) or more"),
+        ("beta1", 0 <= c.beta1 < 1, "in [0, 1)"), ("beta2", 0 <= c.beta2 < 1, "in [0, 1)"),
+        ("loader", c.loader in ("process", "thread", "sync"), "process, thread or sync"),
+        ("num_workers", c.num_workers >= 0, "0 (automatic) or more"), ("threads", c.threads >= 0, "0 (torch's) or more"),
+        ("dtype", c.dtype in ("auto", "float32", "bfloat16", "float16"), "auto, float32, bfloat16 or float16"),
+        ("device", device_ok, "auto, cpu, cuda, cuda:N or mps"),
+        ("device", cuda or not c.device.startswith("cuda"), "auto or cpu: CUDA is not available here"),
+        ("device", c.device != "mps" or torch.backends.mps.is_available(), "auto or cpu: MPS is not available here"))
+    for key, ok, what in rules:
+        if not ok:
+            raise ValueError(f"--{key}={getattr(cfg, key)!r}: expected {what}")
+
+
+def read_config(argv, cuda, world):
+    """The TrainConfig of the command line, checked. ValueError says what is wrong."""
     cfg = TrainConfig()
     if not cuda:
         cli.configure(cfg, [os.path.join(REPO, "config", "cpu.py")])
     rest = cli.configure(cfg, argv)
     if rest:
         raise ValueError(f"unexpected arguments {rest}: expected preset files config/x.py and --key=value")
-    resumed = None
-    if cfg.init_from == "resume":   # the run's own settings, then the command line on top
-        resumed = cli.load_checkpoint(cfg.out_dir, "cpu")
-        ckpt = resumed[1]
-        unknown = set(ckpt.get("config", {"?": 0})) - set(TrainConfig.__dataclass_fields__)
-        if unknown:
-            raise ValueError(f"{cfg.out_dir}: not a train.py checkpoint, or another version's (settings {sorted(unknown)})")
-        saved, cfg = TrainConfig(**ckpt["config"]), TrainConfig(**ckpt["config"])
-        cli.configure(cfg, argv)
-        fixed = MODEL_KEYS + ("lora_rank", "no_digit_merges", "dataset")
-        changed = [f"{k}={getattr(cfg, k)!r} (the run has {getattr(saved, k)!r})"
-                   for k in fixed if getattr(cfg, k) != getattr(saved, k)]
-        if changed:
-            raise ValueError(f"cannot change on resume: {', '.join(changed)}")
-    bad = [k for k, ok in (("loader", cfg.loader in ("process", "thread", "sync")), ("lora_rank", cfg.lora_rank >= 0),
-                           ("dtype", cfg.dtype in ("auto", "float32", "bfloat16", "float16")),
-                           ("n_embd", cfg.n_embd % cfg.n_head == 0), ("max_subtokens", cfg.max_subtokens >= 1),
-                           ("block_size", cfg.block_size >= 2), ("batch_size", cfg.batch_size >= 1),
-                           ("gradient_accumulation_steps", cfg.gradient_accumulation_steps >= 1),
-                           ("eval_windows", cfg.eval_windows >= 1), ("eval_interval", cfg.eval_interval >= 1),
-                           ("log_interval", cfg.log_interval >= 1))
-           if not ok]
-    if bad:
-        raise ValueError(f"--{bad[0]}={getattr(cfg, bad[0])!r} is not allowed (see TrainConfig in train.py)")
-    return cfg, resumed
+    check_config(cfg, cuda, world)
+    return cfg
+
+
+def resume_config(cfg, argv, cuda, world):
+    """(the run's own settings with the command line on top, (model, checkpoint)) of out_dir."""
+    resumed = cli.load_checkpoint(cfg.out_dir, "cpu")
+    unknown = set(resumed[1].get("config", {"?": 0})) - set(TrainConfig.__dataclass_fields__)
+    if unknown:
+        raise ValueError(f"{cfg.out_dir}: not a train.py checkpoint, or another version's (settings {sorted(unknown)})")
+    saved, new = TrainConfig(**resumed[1]["config"]), TrainConfig(**resumed[1]["config"])
+    cli.configure(new, argv)
+    new.out_dir = cfg.out_dir       # where it was found (and locked), even if the folder was renamed
+    changed = [f"{k}={getattr(new, k)!r} (the run has {getattr(saved, k)!r})"
+               for k in MODEL_KEYS + ("lora_rank", "no_digit_merges", "dataset") if getattr(new, k) != getattr(saved, k)]
+    if changed:
+        raise ValueError(f"cannot change on resume: {', '.join(changed)}")
+    check_config(new, cuda, world)
+    return new, resumed
 
 # -----------------------------------------------------------------------------
-# Data: random windows of base tokens, each compressed with a fresh codebook
-
-
-def build_batch(data, starts, block_size, model_config, byte_lengths):
-    """Compress the window at each start (fresh codebook) until block_size + 1 codes came out.
-
-    data: uint16 base ids; byte_lengths: UTF-8 bytes per base id. Returns x, y (B, block_size)
-    int64 with y = x shifted, the HyperBatch of x (None if plain), and n_bytes of text the targets
-    stand for. Example (M=4): [a, b, a, b, a, ..] -> codes [a, b, V, a, ..]: x = [a, b, V, ..],
-    y = [b, V, a, ..]. A window that meets the end of the data is padded (x: EOT, y: -1, ignored).
-    """
-    c = model_config
-    pad = EOT if EOT in c.disabled_ids else 0
-    xs, ys, n_bytes = [], [], 0
-    for s in map(int, starts):
-        codes, n_base = lzw_encode_window(data, s, block_size + 1, c.vocab_size, c.max_codebook_size,
-                                          c.max_subtokens, c.disabled_ids)
-        if len(codes) < 2:
-            raise ValueError(f"window at {s}: fewer than 2 base tokens left in data of length {len(data)}")
-        fill = block_size + 1 - len(codes)
-        xs.append(codes[:-1] + [pad] * fill)
-        ys.append(codes[1:] + [-1] * fill)
-        # a fresh codebook is empty, so the first code is the base id data[s]; targets cover the rest
-        n_bytes += int(byte_lengths[data[s + 1:s + n_base]].sum())
-    hyper = hyper_batch(xs, c.vocab_size, c.max_codebook_size, c.max_subtokens, c.disabled_ids) if c.hyper else None
-    return torch.tensor(xs, dtype=torch.long), torch.tensor(ys, dtype=torch.long), hyper, n_bytes
+# Data: random windows of base tokens, each compressed with a fresh codebook (loader.build_batch)
 
 
 def step_rng(seed, rank, it, micro, stream):
@@ -183,256 +190,34 @@ def step_rng(seed, rank, it, micro, stream):
 
 
 def get_batch(data, job, j):
-    """Micro-batch j of a rank (step j // accum): windows at random starts, from (seed, rank, j) alone."""
+    """Micro-batch j of a rank (step j // accum): windows at random starts, from (seed, rank, j) alone.
+    loader.Batches calls it, in background workers."""
     c, rng = job["mconf"], step_rng(job["seed"], job["rank"], *divmod(j, job["accum"]), 0)
     # block_size + 1 codes cover at most M * (block_size + 1) base ids: a window never runs out
     starts = rng.integers(0, len(data) - c.max_subtokens * (c.block_size + 1) + 1, size=job["batch_size"])
     return build_batch(data, starts, c.block_size, c, job["byte_lengths"])
 
 
-HYPER_FIELDS = tuple(f.name for f in fields(HyperBatch))   # what a worker sends, in order
-
-
-def _produce(out, stop, path, job, worker, n_workers):
-    """A loader worker: micro-batches first + worker, + n_workers, ... into the queue `out`."""
-    torch.set_num_threads(1)
-    getattr(out, "cancel_join_thread", lambda: None)()   # a process may exit with batches queued
-    data, j = np.memmap(path, dtype=np.uint16, mode="r"), job["first"] + worker
-    try:
-        while not stop.is_set():
-            x, y, hyper, n = get_batch(data, job, j)
-            item = (x.numpy(), y.numpy(), hyper and [getattr(hyper, f).numpy() for f in HYPER_FIELDS], n)
-            while not stop.is_set():
-                try:
-                    out.put(item, timeout=0.1)
-                    break
-                except queue.Full:
-                    pass
-            j += n_workers
-    except Exception as e:   # handed to the training loop, which raises it
-        out.put(RuntimeError(f"batch worker {worker} failed at batch {j}: {type(e).__name__}: {e}"))
-
-
-class Batches:
-    """Micro-batches (x, y, hyper, n_bytes) from job["first"] on, in order, built ahead by workers.
-
-    Batch j is a function of (seed, rank, j) alone, so any number of workers of any kind, and a
-    resumed run, see the same batches. Worker w builds batches w, w + n, ... into its own queue.
-    kind: "process" (the codec is pure Python: processes sidestep the GIL), "thread" or "sync".
-    """
-
-    def __init__(self, path, job, kind, n_workers):
-        self.job, self.j, self.kind, self.workers = job, job["first"], kind, []
-        self.data = np.memmap(path, dtype=np.uint16, mode="r")
-        if kind == "sync":
-            return
-        import multiprocessing
-        mp = multiprocessing.get_context("spawn")   # fork would copy torch's thread pools into the child
-        make, Worker, self.stop = ((mp.Queue, mp.Process, mp.Event()) if kind == "process" else
-                                   (queue.Queue, threading.Thread, threading.Event()))
-        self.queues = [make(maxsize=4) for _ in range(n_workers)]
-        self.workers = [Worker(target=_produce, args=(q, self.stop, path, job, w, n_workers), daemon=True)
-                        for w, q in enumerate(self.queues)]
-        for w in self.workers:
-            w.start()
-
-    def next(self):
-        j, self.j = self.j, self.j + 1
-        if self.kind == "sync":
-            return get_batch(self.data, self.job, j)
-        w = j % len(self.workers)
-        while True:
-            try:
-                item = self.queues[w].get(timeout=1.0)
-                break
-            except queue.Empty:
-                if not self.workers[w].is_alive():
-                    raise RuntimeError(f"batch worker {w} died") from None
-        if isinstance(item, Exception):
-            raise item
-        x, y, hyper, n = item
-        return torch.from_numpy(x), torch.from_numpy(y), hyper and HyperBatch(*map(torch.from_numpy, hyper)), n
-
-    def close(self):
-        if self.workers:
-            self.stop.set()
-        for w in self.workers:
-            w.join(timeout=2)
-            if self.kind == "process" and w.is_alive():
-                w.terminate()
-
-
-def eval_windows(val, n_windows, block_size, model_config, byte_lengths):
-    """The fixed validation windows, the same text for every model of this block_size.
-
-    val is cut into consecutive windows of block_size base tokens (so a plain model fits them)
-    and n_windows of them, spread evenly, are kept. Each gets an EOT in front (a wall that acts as
-    a beginning of text) and a fresh codebook. Returns [(codes, n_base, n_bytes)].
-    """
-    c, n_total = model_config, len(val) // block_size
-    if n_total < n_windows:
-        raise ValueError(f"--eval_windows={n_windows}: val.bin holds only {n_total} windows of {block_size} tokens")
-    out = []
-    for i in np.linspace(0, n_total - 1, n_windows).round().astype(int):
-        ids = [EOT] + val[i * block_size:(i + 1) * block_size].tolist()
-        codes = lzw_encode(ids, c.vocab_size, c.max_codebook_size, c.max_subtokens, c.disabled_ids)
-        out.append((codes, block_size, int(byte_lengths[ids].sum())))
-    return out
-
-
-def _malloc_trim():
-    """glibc's malloc_trim, or None off glibc (macOS, Windows, musl)."""
-    import ctypes
-    import ctypes.util
-    try:
-        return ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6").malloc_trim
-    except (OSError, AttributeError):
-        return None
-
-
-_TRIM = _malloc_trim()
-
-
-def release_freed_memory():
-    """Subtle: the hypertoken tensors change size with every batch, and on the CPU glibc keeps
-    the freed memory of such tensors around: a CPU run grew by ~20 MB a step (8 GB in the CPU
-    preset) without this; with it, memory stays flat at no measurable cost in speed."""
-    if _TRIM is not None:
-        _TRIM(0)
-
-
 # -----------------------------------------------------------------------------
-# Model: from scratch, from a checkpoint (resume or adapt), or from GPT-2; LoRA
-
-HYPER_PARTS = ("hyper_in.", "hyper_out.", "recon")   # what a plain GPT does not have
-CONV1D = ("attn.c_attn.weight", "attn.c_proj.weight", "mlp.c_fc.weight", "mlp.c_proj.weight")
-
-
-def gpt2_state_from_hf(hf):
-    """Our state dict from a Hugging Face GPT-2 one (GPT2LMHeadModel or GPT2Model). The names are
-    the same (nanoGPT copied them); HF's Conv1D stores weights as (in, out), nn.Linear as (out, in),
-    so those four are transposed. The causal-mask buffers attn.bias/attn.masked_bias are skipped."""
-    out = {}
-    for k, v in hf.items():
-        if k.endswith((".attn.bias", ".attn.masked_bias")):
-            continue
-        k = k if k.startswith(("transformer.", "lm_head.")) else "transformer." + k
-        out[k] = v.t() if k.endswith(CONV1D) else v
-    out.setdefault("lm_head.weight", out["transformer.wte.weight"])  # tied; GPT2Model has no head
-    return out
-
-
-def gpt2_state_to_hf(state):
-    """The inverse of gpt2_state_from_hf on the base weights (to check it, or to export)."""
-    return {k: v.t() if k.endswith(CONV1D) else v for k, v in state.items() if not k.startswith(HYPER_PARTS)}
-
-
-def load_base_weights(model, state):
-    """Copy every base (plain GPT) weight of `state` into model; ValueError names any that is
-    missing or does not fit. Hypertoken parts load too when `state` has them in the same shape,
-    else they stay new. Returns the names of the parameters that did not come from `state`."""
-    state = {k.removeprefix("_orig_mod.").removeprefix("module."): v for k, v in state.items()}
-    own, problems, new = model.state_dict(), [], []
-    for k, dst in own.items():
-        src = state.get(k)
-        if k == "transformer.wpe.weight" and src is not None and src.size(0) >= dst.size(0):
-            src = src[:dst.size(0)]     # a shorter context keeps the first positions
-        if src is not None and src.shape == dst.shape:
-            with torch.no_grad():
-                dst.copy_(src)          # state_dict tensors share storage with the parameters
-        elif k.startswith(HYPER_PARTS):
-            new.append(k)
-        else:
-            problems.append(f"{k} ({'missing' if src is None else f'{tuple(src.shape)}, need {tuple(dst.shape)}'})")
-    if problems:
-        raise ValueError(f"base weights that do not load: {', '.join(problems)}")
-    return new
-
-
-class LoRALinear(nn.Linear):
-    """y = x W^T + b + (alpha / r) x A^T B^T with W, b frozen. B starts at zero, so the model starts
-    exactly as loaded. Keeps `weight` and `bias` under their names, so checkpoints stay nanoGPT's."""
-
-    def __init__(self, base, rank, alpha):
-        nn.Module.__init__(self)
-        self.in_features, self.out_features = base.in_features, base.out_features
-        self.weight, self.bias = base.weight, base.bias
-        self.lora_A = nn.Parameter(torch.empty(rank, base.in_features, device=base.weight.device))
-        self.lora_B = nn.Parameter(torch.zeros(base.out_features, rank, device=base.weight.device))
-        nn.init.kaiming_uniform_(self.lora_A, a=math.sqrt(5))   # as nn.Linear (and peft) do
-        self.scale = alpha / rank
-
-    def forward(self, x):
-        return super().forward(x) + (x @ self.lora_A.t() @ self.lora_B.t()) * self.scale
-
-    def merged_weight(self):
-        return self.weight + self.scale * self.lora_B @ self.lora_A
-
-
-def add_lora(model, rank, alpha):
-    """Adapters on the attention and MLP linears of the GPT blocks; only they, the hyper-encoder
-    and the reconstruction head train. wte stays frozen: it is tied to the base output layer (39M
-    of GPT-2 small's 124M), and the hyper-encoder learns to write into the space the model reads."""
-    for block in model.transformer.h:
-        for parent, name in ((block.attn, "c_attn"), (block.attn, "c_proj"), (block.mlp, "c_fc"), (block.mlp, "c_proj")):
-            setattr(parent, name, LoRALinear(getattr(parent, name), rank, alpha))
-    for n, p in model.named_parameters():
-        p.requires_grad = "lora_" in n or n.startswith(HYPER_PARTS)
-
-
-def plain_state(model):
-    """(the state dict with LoRA folded into the weights, which load_checkpoint reads; what resume
-    needs besides: the adapters and the unfolded weights, or None without LoRA)."""
-    state, lora = model.state_dict(), {}
-    for name, m in model.named_modules():
-        if isinstance(m, LoRALinear):
-            for k in (".weight", ".lora_A", ".lora_B"):
-                lora[name + k] = state.pop(name + k)
-            state[name + ".weight"] = m.merged_weight().detach()
-    return state, lora or None
+# Model: from scratch, from a checkpoint (resume or adapt), or from GPT-2; LoRA (adapt.py)
 
 
 def make_model(cfg, mconf, resumed=None):
-    """The model on the CPU, as init_from says. Adapting takes the source's architecture (cfg is
-    updated) and checks that every base weight loaded; the hyper-encoder is new."""
-    if cfg.init_from == "scratch":
-        return GPT(mconf)
+    """The model on the CPU, as init_from says, with LoRA adapters when lora_rank > 0. Adapting
+    takes the source's architecture (cfg is updated) and checks that every base weight loaded."""
     if cfg.init_from == "resume":
         model, ckpt = resumed
-        if cfg.lora_rank:   # the checkpoint's weights have the adapters folded in: unfold them
-            add_lora(model, cfg.lora_rank, cfg.lora_alpha)
-            res = model.load_state_dict(ckpt.get("lora") or {}, strict=False)
-            if res.unexpected_keys or any("lora_" in k for k in res.missing_keys):
-                raise ValueError(f"{cfg.out_dir}: the LoRA state does not fit --lora_rank={cfg.lora_rank}")
+        if cfg.lora_rank:   # the checkpoint holds the weights with the adapters folded in
+            adapt.unfold_lora(model, ckpt.get("lora"), cfg.lora_rank, cfg.lora_alpha, cfg.out_dir)
         return model
-    if cfg.init_from in GPT2_SIZES:
-        try:
-            from transformers import GPT2LMHeadModel
-            state = gpt2_state_from_hf(GPT2LMHeadModel.from_pretrained(cfg.init_from).state_dict())
-        except ImportError:
-            raise ValueError(f"--init_from={cfg.init_from} needs the optional package transformers") from None
-        except OSError as e:
-            raise ValueError(f"--init_from={cfg.init_from}: could not fetch the weights: {e}") from None
-        arch = dict(zip(("n_layer", "n_head", "n_embd"), GPT2_SIZES[cfg.init_from]), bias=True, tie_weights=True)
-        source_block = 1024
-    else:
-        src, _ = cli.load_checkpoint(cfg.init_from, "cpu")
-        arch, state, source_block = {k: getattr(src.config, k) for k in ARCH_KEYS}, src.state_dict(), src.config.block_size
-    if cfg.block_size > source_block:
-        raise ValueError(f"--block_size={cfg.block_size} is longer than {cfg.init_from}'s {source_block}: "
-                         f"its position table has no rows for the rest")
-    for k, v in arch.items():
-        if getattr(cfg, k) != v:
-            print(f"{cfg.init_from} sets {k} = {v!r}")
-        setattr(cfg, k, v)
-    # a fresh GPTConfig, so that what it derives from n_embd (the hyper-encoder's width) follows
-    model = GPT(GPTConfig(**{**asdict(mconf), **arch, "hyper_n_embd": cfg.hyper_n_embd}))
-    new = load_base_weights(model, state)
-    print(f"loaded every base weight from {cfg.init_from}; new: {', '.join(sorted({k.split('.')[0] for k in new})) or 'nothing'}")
+    model = GPT(mconf) if cfg.init_from == "scratch" else adapt.adapted_model(cfg, mconf)
+    if cfg.lora_rank:
+        adapt.add_lora(model, cfg.lora_rank, cfg.lora_alpha)
     return model
 
+
 # -----------------------------------------------------------------------------
-# Optimizer, evaluation, learning-rate schedule, checkpoints
+# Optimizer, evaluation, learning-rate schedule
 
 
 def configure_optimizer(model, cfg, device_type):
@@ -445,10 +230,13 @@ def configure_optimizer(model, cfg, device_type):
 
 
 @torch.no_grad()
-def estimate_loss(model, windows, batch_size, ctx, rank=0, world=1):
+def estimate_loss(model, windows, batch_size, ctx, rank=0, world=1, static=False):
     """Loss per code, bits per byte and codes per base token on the fixed validation windows.
 
     Rows are scored in batches: x padded with EOT (a valid code), targets with -1 (ignored).
+    static: every batch is padded to (batch_size, block_size), pad rows all EOT with no targets, so
+    that a compiled model sees training's shapes and compiles nothing new (the same numbers, for
+    the price of computing the padding).
     bpb = sum of NLL over every code after the leading EOT / (ln 2 * bytes of the window's text).
     """
     c, device = model.config, model.device
@@ -456,16 +244,17 @@ def estimate_loss(model, windows, batch_size, ctx, rank=0, world=1):
     total = torch.zeros(4, dtype=torch.float64, device=device)   # nll (nats), codes, base tokens, bytes
     mine = windows[rank::world]                                   # DDP: each rank scores a share
     for i in range(0, len(mine), batch_size):
-        rows = mine[i:i + batch_size]
-        T = max(len(codes) for codes, _, _ in rows) - 1
-        x = [codes[:-1] + [EOT] * (T + 1 - len(codes)) for codes, _, _ in rows]
-        y = torch.tensor([codes[1:] + [-1] * (T + 1 - len(codes)) for codes, _, _ in rows], device=device)
+        rows = [codes for codes, _, _ in mine[i:i + batch_size]]
+        T = c.block_size if static else max(map(len, rows)) - 1
+        rows += [[EOT]] * (batch_size - len(rows)) if static else []
+        x = [codes[:-1] + [EOT] * (T + 1 - len(codes)) for codes in rows]
+        y = torch.tensor([codes[1:] + [-1] * (T + 1 - len(codes)) for codes in rows], device=device)
         hyper = model.hyper_batch(x).to(device) if c.hyper else None
         with ctx:
             logits, _ = model(torch.tensor(x, device=device), hyper=hyper)     # (B, T, V [+ K + 1])
         nll = F.cross_entropy(logits.float().flatten(0, 1), y.flatten(), ignore_index=-1, reduction="sum")
-        total += torch.tensor([nll.item(), (y >= 0).sum().item(), sum(r[1] for r in rows), sum(r[2] for r in rows)],
-                              dtype=torch.float64, device=device)
+        base, n_bytes = (sum(w[k] for w in mine[i:i + batch_size]) for k in (1, 2))
+        total += torch.tensor([nll.item(), (y >= 0).sum().item(), base, n_bytes], dtype=torch.float64, device=device)
     if world > 1:
         torch.distributed.all_reduce(total)
     model.train()
@@ -488,47 +277,29 @@ def get_lr(cfg, it, seconds):
     return cfg.min_lr + coeff * (cfg.learning_rate - cfg.min_lr)
 
 
-def save_checkpoint(ckpt, out_dir):
-    """out_dir/ckpt.pt, atomically: a temporary file in the same folder, synced to disk, renamed
-    over the old one. A crash at any point leaves the previous checkpoint whole."""
-    os.makedirs(out_dir, exist_ok=True)
-    path = os.path.join(out_dir, "ckpt.pt")
-    tmp = path + ".tmp"
-    try:
-        with open(tmp, "wb") as f:
-            torch.save(ckpt, f)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    finally:
-        if os.path.exists(tmp):
-            os.remove(tmp)
-    fd = os.open(out_dir, os.O_RDONLY)   # make the rename itself durable
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-
 # -----------------------------------------------------------------------------
 
 
 def main(argv=None):
     argv = sys.argv[1:] if argv is None else list(argv)
+    with ExitStack() as held:   # released however main ends: the out_dir lock, Ctrl-C's handler, the workers
+        return _main(argv, held)
+
+
+def _main(argv, held):
     # -------------------------------------------------------------------------- setup
     ddp = int(os.environ.get("RANK", -1)) != -1      # launched by torchrun?
     rank, local_rank, world = (int(os.environ.get(k, "0")) for k in ("RANK", "LOCAL_RANK", "WORLD_SIZE"))
     world, local_world, master = max(world, 1), int(os.environ.get("LOCAL_WORLD_SIZE", 1)), rank == 0
     cuda = torch.cuda.is_available()
     try:
-        cfg, resumed = read_config(argv, cuda)
-        ckpt = resumed and resumed[1]
-        ckpt_path = os.path.join(cfg.out_dir, "ckpt.pt")
-        if cfg.device.startswith("cuda") and not cuda:
-            raise ValueError(f"--device={cfg.device}: CUDA is not available here")
-        if cfg.gradient_accumulation_steps % world:
-            raise ValueError(f"--gradient_accumulation_steps={cfg.gradient_accumulation_steps} is not a "
-                             f"multiple of the {world} processes")
-        if cfg.init_from != "resume" and os.path.exists(ckpt_path) and not (cfg.overwrite or cfg.eval_only):
+        cfg = read_config(argv, cuda, world)
+        writes = master and not cfg.eval_only        # rank 0 writes out_dir, and holds it until the end
+        if writes and (cfg.init_from != "resume" or os.path.isdir(cfg.out_dir)):
+            held.enter_context(outdir.lock(cfg.out_dir))
+        cfg, resumed = resume_config(cfg, argv, cuda, world) if cfg.init_from == "resume" else (cfg, None)
+        ckpt, ckpt_path = resumed and resumed[1], os.path.join(cfg.out_dir, "ckpt.pt")
+        if writes and not ckpt and os.path.exists(ckpt_path) and not cfg.overwrite:
             raise ValueError(f"{ckpt_path} exists: continue it with --init_from=resume, choose another "
                              f"--out_dir, or replace it with --overwrite=True")
     except (ValueError, FileNotFoundError) as e:
@@ -538,7 +309,8 @@ def main(argv=None):
     except Exception as e:
         raise SystemExit(f"error: cannot load GPT-2's BPE ranks (tiktoken): {e}; offline, set TIKTOKEN_CACHE_DIR")
     if master and not cuda and cfg.init_from != "resume":
-        print("no CUDA here: the CPU preset config/cpu.py applies (about 10 minutes on 2 cores)")
+        print("no CUDA here: the CPU preset config/cpu.py applies first" +
+              (f"; it trains for at most {hms(cfg.max_seconds)} (h:mm:ss)" if cfg.max_seconds > 0 else ""))
     device = cfg.device if cfg.device != "auto" else "cuda" if cuda else "cpu"
     if ddp:
         device = f"cuda:{local_rank}" if cuda else "cpu"
@@ -572,6 +344,7 @@ def main(argv=None):
         for p in (train_path, val_path):
             if not os.path.isfile(p):
                 raise ValueError(f"--dataset={cfg.dataset}: no {p}")
+            check_tokens(p, mconf.vocab_size)
         n_train, need = len(np.memmap(train_path, dtype=np.uint16, mode="r")), cfg.max_subtokens * (cfg.block_size + 1)
         if n_train < need:
             raise ValueError(f"{train_path} holds {n_train} tokens; a window of {cfg.block_size + 1} codes may need {need}")
@@ -583,13 +356,12 @@ def main(argv=None):
         model = make_model(cfg, mconf, resumed)
     except (ValueError, FileNotFoundError) as e:
         raise SystemExit(f"error: {e}")
-    if cfg.lora_rank and cfg.init_from != "resume":
-        add_lora(model, cfg.lora_rank, cfg.lora_alpha)
     if mconf.hyper and (mconf.recon_lambda == 0 or mconf.recon_max_entries == 0):
         model.recon.requires_grad_(False)   # unused: DDP would wait for its gradient
     raw_model, mconf = model.to(device), model.config
     iter_num, train_seconds, best_val_loss = (ckpt[k] for k in ("iter_num", "train_seconds", "best_val_loss")) \
         if ckpt else (0, 0.0, float("inf"))
+    log = {"config": asdict(cfg), **(outdir.read_log(cfg.out_dir, iter_num) if ckpt else {"evals": [], "train": []})}
     if master:
         n_trained = sum(p.numel() for p in model.parameters() if p.requires_grad)
         print(f"model: {model.get_num_params(False) / 1e6:.2f}M parameters ({n_trained / 1e6:.2f}M trained), "
@@ -608,91 +380,123 @@ def main(argv=None):
         model = nn.parallel.DistributedDataParallel(model, device_ids=[local_rank] if cuda else None)
 
     # -------------------------------------------------------------------------- loop
+    finished = iter_num >= cfg.max_iters or 0 < cfg.max_seconds <= train_seconds   # before it starts?
+    writes = writes and not finished
     job = dict(first=iter_num * accum, accum=accum, seed=cfg.seed, rank=rank, batch_size=cfg.batch_size,
                mconf=mconf, byte_lengths=tokenizer.byte_lengths)
-    batches = Batches(train_path, job, cfg.loader, cfg.num_workers or max(1, (os.cpu_count() or 1) // local_world - 2))
+    interrupt = outdir.Interrupt(ddp)           # Ctrl-C: stop after the current step, and save it
+    held.callback(interrupt.restore)
+    n_workers = cfg.num_workers or max(1, (os.cpu_count() or 1) // local_world - 2)
+    batches = None if finished or cfg.eval_only else \
+        held.enter_context(closing(loader.Batches(train_path, job, cfg.loader, n_workers, get_batch)))
 
-    def next_batch():   # on the device, with the number of targets
+    def next_batch():   # on the device, with its number of targets and its FLOPs
         x, y, hyper, n_bytes = batches.next()
-        pin = (lambda t: t.pin_memory()) if device_type == "cuda" else (lambda t: t)
-        return (pin(x).to(device, non_blocking=True), pin(y).to(device, non_blocking=True),
-                hyper and hyper.to(device), n_bytes, int((y >= 0).sum()))
+        return (*loader.to_device(x, y, hyper, device), n_bytes, int((y >= 0).sum()),
+                flops_per_batch(raw_model, *x.shape, hyper))
 
-    start_iter, history, metrics = iter_num, [], None
-    since_log, total = [0, 0, 0.0], [0, 0, 0.0, 0.0]  # codes, bytes, seconds (, CPU seconds of this process)
+    def save():   # log.json first: a log ahead of the checkpoint is cut back on resume
+        nonlocal saved_iter
+        outdir.write_log(cfg.out_dir, log)
+        if iter_num > saved_iter:
+            state, lora = adapt.plain_state(raw_model)
+            outdir.save_checkpoint({"model": state, "model_args": asdict(raw_model.config), "config": asdict(cfg),
+                                    "optimizer": optimizer.state_dict(), "iter_num": iter_num,
+                                    "best_val_loss": best_val_loss, "train_seconds": train_seconds,
+                                    "val": metrics, "lora": lora}, cfg.out_dir)
+            saved_iter = iter_num
+
+    start_iter = saved_iter = iter_num
+    history, metrics, stop, meter = [], None, False, Meter(device)
     losses = {"lm": 0.0, "recon": 0.0}
-    try:
-        batch = next_batch()
-        while True:
-            if ddp and cfg.max_seconds > 0:   # every rank stops, and sets its LR, as rank 0 does
-                t = torch.tensor([train_seconds], dtype=torch.float64, device=device)
-                torch.distributed.broadcast(t, 0)
-                train_seconds = t.item()
-            lr = get_lr(cfg, iter_num, train_seconds)
-            for group in optimizer.param_groups:
-                group["lr"] = lr
-            done = iter_num >= cfg.max_iters or 0 < cfg.max_seconds <= train_seconds
-            if iter_num % cfg.eval_interval == 0 or done or cfg.eval_only:
-                metrics = estimate_loss(raw_model, windows, cfg.batch_size, ctx, rank, world)
-                best_val_loss = min(best_val_loss, metrics["loss"])
-                if master:
-                    print(f"step {iter_num}: val loss {metrics['loss']:.4f}, {metrics['bpb']:.4f} bits per byte, "
-                          f"{metrics['ratio']:.3f} codes per base token ({metrics['bytes_per_code']:.2f} bytes per code)")
-                if master and iter_num > start_iter:
-                    state, lora = plain_state(raw_model)
-                    save_checkpoint({"model": state, "model_args": asdict(raw_model.config), "config": asdict(cfg),
-                                     "optimizer": optimizer.state_dict(), "iter_num": iter_num,
-                                     "best_val_loss": best_val_loss, "train_seconds": train_seconds,
-                                     "val": metrics, "lora": lora}, cfg.out_dir)
-            if done or cfg.eval_only:
-                break
-            t0, c0, step = time.perf_counter(), time.process_time(), [0, 0]
-            for micro in range(accum):
-                x, y, hyper, n_bytes, n_codes = batch
-                if ddp:   # sync gradients on the last micro-step only
-                    model.require_backward_grad_sync = micro == accum - 1
-                # dropout and the reconstruction subsample are a function of the step, like the data
-                torch.manual_seed(int(step_rng(cfg.seed, rank, iter_num, micro, 1).integers(2**62)))
-                with ctx:
-                    _, loss = model(x, y, hyper=hyper)
-                    loss = loss / accum
-                batch = next_batch()            # built in the background meanwhile
-                scaler.scale(loss).backward()
-                step = [step[0] + n_codes * world, step[1] + n_bytes * world]
-                for k in losses:
-                    losses[k] += raw_model.last_losses.get(k, torch.zeros(())) / accum
-            if cfg.grad_clip > 0:
-                scaler.unscale_(optimizer)
-                torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip)
-            scaler.step(optimizer)
-            scaler.update()
-            optimizer.zero_grad(set_to_none=True)
-            release_freed_memory()
-            dt = time.perf_counter() - t0
-            train_seconds += dt
-            for acc in (since_log, total):
-                acc[:3] = [acc[0] + step[0], acc[1] + step[1], acc[2] + dt]
-            total[3] += time.process_time() - c0
-            iter_num += 1
-            if iter_num % cfg.log_interval == 0 or iter_num == start_iter + 1:
-                n = iter_num - (history[-1][0] if history else start_iter)
-                lm, recon = (float(losses[k]) / n for k in ("lm", "recon"))
-                history.append((iter_num, lm, recon))
-                if master:
-                    print(f"iter {iter_num}: loss {lm:.4f}" + (f", recon {recon:.4f}" if mconf.hyper else "") +
-                          f", lr {lr:.2e}, {1000 * dt:.0f} ms, {since_log[0] / since_log[2]:,.0f} codes/s, "
-                          f"{since_log[1] / since_log[2]:,.0f} bytes/s")
-                losses, since_log = {k: 0.0 for k in losses}, [0, 0, 0.0]
-    finally:
-        batches.close()
+    batch, t_start = batches and next_batch(), time.perf_counter()
+    while True:
+        stop = interrupt.requested
+        if ddp:   # every rank stops, and sets its LR, as the others do
+            t = torch.tensor([train_seconds, stop], dtype=torch.float64, device=device)
+            torch.distributed.all_reduce(t, torch.distributed.ReduceOp.MAX)
+            train_seconds, stop = t.tolist()
+        if stop:
+            break
+        lr = get_lr(cfg, iter_num, train_seconds)
+        for group in optimizer.param_groups:
+            group["lr"] = lr
+        done = iter_num >= cfg.max_iters or 0 < cfg.max_seconds <= train_seconds
+        if iter_num % cfg.eval_interval == 0 or done or cfg.eval_only:
+            metrics = estimate_loss(raw_model, windows, cfg.batch_size, ctx, rank, world, static=cfg.compile)
+            best_val_loss = min(best_val_loss, metrics["loss"])
+            if master:
+                print(f"step {iter_num}: val loss {metrics['loss']:.4f}, {metrics['bpb']:.4f} bits per byte, "
+                      f"{metrics['ratio']:.3f} codes per base token ({metrics['bytes_per_code']:.2f} bytes per code)")
+            if writes:
+                log["evals"] = [e for e in log["evals"] if e["iter"] < iter_num] + \
+                    [{"iter": iter_num, "train_seconds": train_seconds, **metrics}]
+                save()
+        if done or cfg.eval_only:
+            break
+        t0, c0 = time.perf_counter(), time.process_time()
+        for micro in range(accum):
+            x, y, hyper, n_bytes, n_codes, flops = batch
+            if ddp:   # sync gradients on the last micro-step only
+                model.require_backward_grad_sync = micro == accum - 1
+            # dropout and the reconstruction subsample are a function of the step, like the data
+            torch.manual_seed(int(step_rng(cfg.seed, rank, iter_num, micro, 1).integers(2**62)))
+            with ctx:
+                _, loss = model(x, y, hyper=hyper)
+                loss = loss / accum
+            batch = next_batch()            # built in the background meanwhile
+            scaler.scale(loss).backward()
+            meter.add(codes=n_codes * world, bytes=n_bytes * world, flops=flops)
+            for k in losses:
+                losses[k] += raw_model.last_losses.get(k, torch.zeros(())) / accum
+        if cfg.grad_clip > 0:
+            scaler.unscale_(optimizer)
+            torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip)
+        scaler.step(optimizer)
+        scaler.update()
+        optimizer.zero_grad(set_to_none=True)
+        loader.release_freed_memory()
+        dt = time.perf_counter() - t0
+        train_seconds += dt
+        meter.add(seconds=dt, cpu=time.process_time() - c0)
+        iter_num += 1
+        if iter_num % cfg.log_interval == 0 or iter_num == start_iter + 1:
+            n = iter_num - (history[-1][0] if history else start_iter)
+            lm, recon = (float(losses[k]) / n for k in ("lm", "recon"))
+            history.append((iter_num, lm, recon))
+            log["train"].append({"iter": iter_num, "train_seconds": train_seconds, "loss": lm, "recon": recon})
+            if master:
+                wall = time.perf_counter() - t_start            # evaluations included
+                left = (cfg.max_iters - iter_num) * wall / (iter_num - start_iter)
+                if cfg.max_seconds > 0:   # the time budget counts training steps only
+                    left = min(left, (cfg.max_seconds - train_seconds) * wall / meter.total["seconds"])
+                built = cfg.loader != "sync" and batches.speed()      # codes/s the workers can build
+                print(f"iter {iter_num}: loss {lm:.4f}" + (f", recon {recon:.4f}" if mconf.hyper else "") +
+                      f", lr {lr:.2e}, {1000 * dt:.0f} ms, {meter.report(built, world)}; "
+                      f"{hms(wall)} elapsed, ETA {hms(left)}")
+            losses = {k: 0.0 for k in losses}
 
-    # -------------------------------------------------------------------------- summary, sample
-    codes_s, bytes_s = (v / max(total[2], 1e-9) for v in total[:2])
-    if master and total[2] > 0:
-        print(f"trained {iter_num - start_iter} steps in {total[2]:.0f} s ({total[3]:.0f} s of CPU): {codes_s:,.0f} codes/s, {bytes_s:,.0f} "
-              f"bytes of text/s; val {metrics['bpb']:.4f} bits per byte at {metrics['ratio']:.3f} codes per base "
-              f"token; checkpoint {ckpt_path}")
-    if master and cfg.sample_tokens > 0:
+    # -------------------------------------------------------------------------- the end: summary, sample
+    total = meter.total
+    codes_s, bytes_s = (total[k] / max(total["seconds"], 1e-9) for k in ("codes", "bytes"))
+    if writes and stop:
+        save()
+        print(f"stopped at step {iter_num}, saved in {ckpt_path}; to continue: "
+              f"{outdir.resume_command(cfg.out_dir, world)}" if saved_iter == iter_num and os.path.exists(ckpt_path)
+              else f"stopped at step {iter_num}: nothing to save")
+    elif master and total["seconds"] > 0:
+        print(f"trained {iter_num - start_iter} steps in {total['seconds']:.0f} s ({total['cpu']:.0f} s of CPU): "
+              f"{codes_s:,.0f} codes/s, {bytes_s:,.0f} bytes of text/s; val {metrics['bpb']:.4f} bits per byte at "
+              f"{metrics['ratio']:.3f} codes per base token; checkpoint {ckpt_path}")
+    elif master and finished and ckpt and not cfg.eval_only:
+        limit, more = (f"--max_iters={cfg.max_iters}", f"--max_iters={2 * iter_num}") if iter_num >= cfg.max_iters \
+            else (f"--max_seconds={cfg.max_seconds:g}", f"--max_seconds={2 * cfg.max_seconds:g}")
+        print(f"{ckpt_path} is at step {iter_num}: {limit} is reached, nothing to train. To train longer: "
+              f"{outdir.resume_command(cfg.out_dir, world, more)}")
+    elif master and finished and not cfg.eval_only:
+        print(f"--max_iters={cfg.max_iters}: evaluated the model as it starts, trained nothing, saved nothing")
+    if master and cfg.sample_tokens > 0 and not stop:
+        interrupt.restore()                 # Ctrl-C now just ends the process: all is saved
         torch.manual_seed(cfg.seed)
         raw_model.eval()
         with ctx:
@@ -700,10 +504,16 @@ def main(argv=None):
         print(f"sample ({cfg.sample_tokens} codes{', hypertokens marked' if mconf.hyper else ''}):")
         print(cli.show(tokenizer, codes[1:], color=sys.stdout.isatty()))
     if ddp:
+        torch.distributed.barrier()     # rank 0 may still be saving: nobody leaves before it is done
         torch.distributed.destroy_process_group()
+    if stop:
+        raise SystemExit(130)           # interrupted: not a success (the shell's code for Ctrl-C)
     return {"history": history, "val": metrics, "iter_num": iter_num, "train_seconds": train_seconds,
-            "codes_per_s": codes_s, "bytes_per_s": bytes_s, "cpu_seconds": total[3]}
+            "codes_per_s": codes_s, "bytes_per_s": bytes_s, "cpu_seconds": total["cpu"]}
 
 
 if __name__ == "__main__":
-    main()
+    try:
+        main()
+    except KeyboardInterrupt:   # before training began, or after it ended: nothing to save
+        raise SystemExit("interrupted") from None

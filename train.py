@@ -40,7 +40,6 @@ from dataclasses import asdict, dataclass
 import numpy as np
 import torch
 import torch.nn as nn
-from torch.nn import functional as F
 
 import adapt
 import cli
@@ -67,6 +66,8 @@ class TrainConfig:
     eval_windows: int = 256             # fixed validation windows of block_size base tokens (~18% of pycode val)
     log_interval: int = 10              # steps between log lines (each one syncs the device)
     eval_only: bool = False             # evaluate the model as loaded, then stop (writes nothing)
+    eval_beam: int = 0                  # > 0: also the multi-view bits per byte, summed over segmentations by a
+                                        # beam this wide (GPT.marginal_nll; seconds per window on a CPU); 0: off
     sample_tokens: int = 256            # codes generated at the end, to see what was learned (0: none)
     # data
     dataset: str = "pycode"             # data/<name>/ (prepared if missing), or a path to a folder with train.bin, val.bin
@@ -83,6 +84,9 @@ class TrainConfig:
     bias: bool = False                  # a little faster and as good (nanoGPT); GPT-2's weights have biases
     max_subtokens: int = 4              # M: longest hypertoken; 1 = the plain GPT; the paper finds 3..5 close
     max_codebook_size: int = 1024       # C: hypertokens per sequence; a 1024-code window of code makes ~800
+    canonical: bool = True              # score only canonical codes, so the NLL is -log P(text) (DESIGN.md 2.1);
+                                        # False: the paper's unmasked vocabulary
+    hyper_encoder: str = "transformer"  # transformer | mlp | mean: how a hypertoken is embedded from its base tokens
     hyper_n_layer: int = 1              # hyper-encoder depth: 1-2 layers beat mean pooling in the paper
     hyper_n_embd: int = 0               # its width; 0: n_embd // 4, so a new entry costs a few percent of a step
     hyper_n_head: int = 4
@@ -114,7 +118,8 @@ class TrainConfig:
 
 
 MODEL_KEYS = ("block_size", "n_layer", "n_head", "n_embd", "dropout", "bias", "max_subtokens", "max_codebook_size",
-              "hyper_n_layer", "hyper_n_embd", "hyper_n_head", "tie_weights", "recon_lambda", "recon_max_entries")
+              "canonical", "hyper_encoder", "hyper_n_layer", "hyper_n_embd", "hyper_n_head", "tie_weights",
+              "recon_lambda", "recon_max_entries")
 
 
 def check_config(cfg, cuda, world):
@@ -125,7 +130,8 @@ def check_config(cfg, cuda, world):
     rules = (  # (setting, whether its value can work, what it must be)
         ("n_layer", c.n_layer >= 1, "at least 1"), ("n_head", c.n_head >= 1, "at least 1"),
         ("n_embd", c.n_embd >= 1 and c.n_embd % max(c.n_head, 1) == 0, f"a positive multiple of --n_head={c.n_head}"),
-        ("hyper_n_layer", c.hyper_n_layer >= 0, "0 or more"), ("hyper_n_head", c.hyper_n_head >= 1, "at least 1"),
+        ("hyper_n_layer", c.hyper_n_layer >= 1, "at least 1"), ("hyper_n_head", c.hyper_n_head >= 1, "at least 1"),
+        ("hyper_encoder", c.hyper_encoder in ("transformer", "mlp", "mean"), "transformer, mlp or mean"),
         ("hyper_n_embd", c.hyper_n_embd >= 0 and c.hyper_n_embd % max(c.hyper_n_head, 1) == 0,
          f"0 (n_embd // 4) or a multiple of --hyper_n_head={c.hyper_n_head}"),
         ("block_size", c.block_size >= 2, "at least 2"), ("max_subtokens", c.max_subtokens >= 1, "at least 1"),
@@ -136,6 +142,7 @@ def check_config(cfg, cuda, world):
          f"a positive multiple of the {world} processes"),
         ("eval_interval", c.eval_interval >= 1, "at least 1"), ("eval_windows", c.eval_windows >= 1, "at least 1"),
         ("log_interval", c.log_interval >= 1, "at least 1"), ("sample_tokens", c.sample_tokens >= 0, "0 or more"),
+        ("eval_beam", c.eval_beam >= 0, "0 (off) or more"),
         ("learning_rate", c.learning_rate >= 0, "0 or more"), ("min_lr", c.min_lr >= 0, "0 or more"),
         ("max_iters", c.max_iters >= 0, "0 or more"), ("max_seconds", c.max_seconds >= 0, "0 (no limit) or more"),
         ("warmup_iters", c.warmup_iters >= 0, "0 or more"), ("lr_decay_iters", c.lr_decay_iters >= 0, "0 or more"),
@@ -230,8 +237,10 @@ def configure_optimizer(model, cfg, device_type):
 
 
 @torch.no_grad()
-def estimate_loss(model, windows, batch_size, ctx, rank=0, world=1, static=False):
-    """Loss per code, bits per byte and codes per base token on the fixed validation windows.
+def estimate_loss(model, windows, batch_size, ctx, rank=0, world=1, static=False, beam=0):
+    """Loss per code, bits per byte and codes per base token on the fixed validation windows; with
+    beam > 0 also the multi-view bits per byte (bpb_multiview: the windows' base tokens scored over
+    every segmentation the beam finds, GPT.marginal_nll).
 
     Rows are scored in batches: x padded with EOT (a valid code), targets with -1 (ignored).
     static: every batch is padded to (batch_size, block_size), pad rows all EOT with no targets, so
@@ -241,7 +250,7 @@ def estimate_loss(model, windows, batch_size, ctx, rank=0, world=1, static=False
     """
     c, device = model.config, model.device
     model.eval()
-    total = torch.zeros(4, dtype=torch.float64, device=device)   # nll (nats), codes, base tokens, bytes
+    total = torch.zeros(5, dtype=torch.float64, device=device)   # nll (nats), codes, base tokens, bytes, multi-view nll
     mine = windows[rank::world]                                   # DDP: each rank scores a share
     for i in range(0, len(mine), batch_size):
         rows = [codes for codes, _, _ in mine[i:i + batch_size]]
@@ -252,15 +261,19 @@ def estimate_loss(model, windows, batch_size, ctx, rank=0, world=1, static=False
         hyper = model.hyper_batch(x).to(device) if c.hyper else None
         with ctx:
             logits, _ = model(torch.tensor(x, device=device), hyper=hyper)     # (B, T, V [+ K + 1])
-        nll = F.cross_entropy(logits.float().flatten(0, 1), y.flatten(), ignore_index=-1, reduction="sum")
+        nll = zip2zip.token_nll(logits, y).sum()
         base, n_bytes = (sum(w[k] for w in mine[i:i + batch_size]) for k in (1, 2))
-        total += torch.tensor([nll.item(), (y >= 0).sum().item(), base, n_bytes], dtype=torch.float64, device=device)
+        total += torch.tensor([nll.item(), (y >= 0).sum().item(), base, n_bytes, 0], dtype=torch.float64, device=device)
+    for codes, _, _ in mine if beam else []:
+        with ctx:
+            total[4] += model.marginal_nll(zip2zip.lzw_decode(codes, c.vocab_size, c.max_codebook_size,
+                                                              c.max_subtokens, c.disabled_ids), beam)
     if world > 1:
         torch.distributed.all_reduce(total)
     model.train()
-    nll, codes, base, n_bytes = total.tolist()
+    nll, codes, base, n_bytes, multiview = total.tolist()
     return {"loss": nll / codes, "bpb": nll / (math.log(2) * n_bytes), "ratio": codes / base,
-            "bytes_per_code": n_bytes / codes}
+            "bytes_per_code": n_bytes / codes, **({"bpb_multiview": multiview / (math.log(2) * n_bytes)} if beam else {})}
 
 
 def get_lr(cfg, it, seconds):
@@ -306,8 +319,8 @@ def _main(argv, held):
         raise SystemExit(f"error: {e}")
     try:
         tokenizer = zip2zip.Tokenizer(cfg.max_subtokens, cfg.max_codebook_size, cfg.no_digit_merges)
-    except Exception as e:
-        raise SystemExit(f"error: cannot load GPT-2's BPE ranks (tiktoken): {e}; offline, set TIKTOKEN_CACHE_DIR")
+    except OSError as e:   # GPT-2's ranks missing or damaged
+        raise SystemExit(f"error: {e}")
     if master and not cuda and cfg.init_from != "resume":
         print("no CUDA here: the CPU preset config/cpu.py applies first" +
               (f"; it trains for at most {hms(cfg.max_seconds)} (h:mm:ss)" if cfg.max_seconds > 0 else ""))
@@ -423,10 +436,11 @@ def _main(argv, held):
             group["lr"] = lr
         done = iter_num >= cfg.max_iters or 0 < cfg.max_seconds <= train_seconds
         if iter_num % cfg.eval_interval == 0 or done or cfg.eval_only:
-            metrics = estimate_loss(raw_model, windows, cfg.batch_size, ctx, rank, world, static=cfg.compile)
+            metrics = estimate_loss(raw_model, windows, cfg.batch_size, ctx, rank, world, cfg.compile, cfg.eval_beam)
             best_val_loss = min(best_val_loss, metrics["loss"])
             if master:
-                print(f"step {iter_num}: val loss {metrics['loss']:.4f}, {metrics['bpb']:.4f} bits per byte, "
+                multiview = f" (multi-view, beam {cfg.eval_beam}: {metrics['bpb_multiview']:.4f})" if cfg.eval_beam else ""
+                print(f"step {iter_num}: val loss {metrics['loss']:.4f}, {metrics['bpb']:.4f} bits per byte{multiview}, "
                       f"{metrics['ratio']:.3f} codes per base token ({metrics['bytes_per_code']:.2f} bytes per code)")
             if writes:
                 log["evals"] = [e for e in log["evals"] if e["iter"] < iter_num] + \
@@ -463,6 +477,9 @@ def _main(argv, held):
         if iter_num % cfg.log_interval == 0 or iter_num == start_iter + 1:
             n = iter_num - (history[-1][0] if history else start_iter)
             lm, recon = (float(losses[k]) / n for k in ("lm", "recon"))
+            if not math.isfinite(lm):   # training data is canonical: no target may ever be masked
+                raise SystemExit(f"error: step {iter_num}: the training loss is {lm}: a target lies outside the "
+                                 f"model's output vocabulary (masked -inf); the batches are not the model's own codes")
             history.append((iter_num, lm, recon))
             log["train"].append({"iter": iter_num, "train_seconds": train_seconds, "loss": lm, "recon": recon})
             if master:
@@ -500,8 +517,8 @@ def _main(argv, held):
         torch.manual_seed(cfg.seed)
         raw_model.eval()
         with ctx:
-            codes = raw_model.generate([[EOT]], cfg.sample_tokens, temperature=0.8, top_k=200)[0]
-        print(f"sample ({cfg.sample_tokens} codes{', hypertokens marked' if mconf.hyper else ''}):")
+            codes = raw_model.generate([[EOT]], cfg.sample_tokens, temperature=0.8, top_k=200, compile=cfg.compile)[0]
+        print(f"sample ({cfg.sample_tokens} codes):")
         print(cli.show(tokenizer, codes[1:], color=sys.stdout.isatty()))
     if ddp:
         torch.distributed.barrier()     # rank 0 may still be saving: nobody leaves before it is done

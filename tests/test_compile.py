@@ -32,3 +32,31 @@ def test_the_compiled_decoding_step_builds_one_graph_and_decodes_like_eager(fres
     torch.manual_seed(0)
     model.generate(prompts, 5, temperature=0.8, top_k=5, compile=True)
     assert counters["stats"]["unique_graphs"] == 2
+
+
+def test_a_compiled_training_run_builds_a_handful_of_graphs(fresh_dynamo, monkeypatch, tmp_path):
+    # 8 layers (the GPU default), through training, evaluation and the end sample. Dynamo's graph
+    # count does not depend on the backend, so "eager" keeps this fast; a recompile per layer or
+    # per step would hit dynamo's limit (8), and fail_on_recompile_limit_hit makes that an error.
+    import train
+    from tests.test_train import tiny
+
+    compile_ = torch.compile
+
+    def eager(model=None, **kw):
+        kw.pop("mode", None)
+        return compile_(model, backend="eager", **kw)
+
+    monkeypatch.setattr(torch, "compile", eager)
+    monkeypatch.setattr(torch._dynamo.config, "fail_on_recompile_limit_hit", True)
+    monkeypatch.setattr(torch._dynamo.config, "recompile_limit", 4)
+    data = tmp_path / "data"
+    data.mkdir()
+    ids = z.Tokenizer().encode_base(open(z.__file__).read())      # this file's own text
+    for split, part in (("train", ids[:20000]), ("val", ids[20000:30000])):
+        torch.tensor([50256] + part, dtype=torch.int32).numpy().astype("uint16").tofile(data / f"{split}.bin")
+    out = train.main(tiny(data, tmp_path / "out", "--compile=True", "--n_layer=8", "--max_iters=4",
+                          "--eval_interval=2", "--sample_tokens=40"))   # past the context: crops too
+    assert out["iter_num"] == 4
+    # the blocks in training, the blocks in evaluation (no_grad: same shapes, padded), the step
+    assert counters["stats"]["unique_graphs"] == 3

@@ -164,6 +164,15 @@ def test_eval_matches_model_nll_on_the_same_text(data_dir, tok):
     model.register_forward_pre_hook(lambda mod, args, kwargs: shapes.append(tuple(args[0].shape)), with_kwargs=True)
     assert m == pytest.approx(train.estimate_loss(model, windows, 2, train.nullcontext(), static=True), rel=1e-6)
     assert set(shapes) == {(2, 32)}     # training's shapes: a compiled model compiles nothing new
+    # multi-view bits per byte: for a canonical model, the canonical figure itself (one stream has
+    # probability); unmasked, the segmentations the beam finds sum to more than the canonical one
+    mv = train.estimate_loss(model, windows[:2], 2, train.nullcontext(), beam=2)
+    assert mv["bpb_multiview"] == pytest.approx(mv["bpb"], rel=1e-5)
+    torch.manual_seed(0)
+    unmasked = zip2zip.GPT(zip2zip.GPTConfig(block_size=32, n_layer=1, n_head=2, n_embd=32, max_subtokens=4,
+                                             canonical=False))
+    mv = train.estimate_loss(unmasked, windows[:2], 2, train.nullcontext(), beam=4)
+    assert 0 < mv["bpb_multiview"] < mv["bpb"]
 
 
 def test_flops_per_batch_counts_what_torch_counts():
@@ -475,3 +484,17 @@ def test_nothing_saved_is_lost(data_dir, tmp_path):
         outdir.save_checkpoint({"model": lambda: 0}, str(tmp_path))
     assert (tmp_path / "ckpt.pt").read_bytes() == before
     assert sorted(os.listdir(tmp_path)) == ["ckpt.pt", "log.json", "train.lock"]   # and no temporary file
+
+
+def test_a_masked_training_target_fails_loudly(data_dir, tmp_path, monkeypatch):
+    # the loader's batches are canonical, so no target is ever masked; if one were (a bug, or codes
+    # from another codec), the run stops with a line instead of training on an infinite loss
+    def corrupt(data, starts, block_size, mconf, byte_lengths):
+        x, y, hyper, n = build(data, starts, block_size, mconf, byte_lengths)
+        t = int((hyper.n_installed[0] < hyper.n_installed[0, -1] - 1).nonzero()[0])   # a hypertoken id not yet made
+        y[0, t] = mconf.vocab_size + int(hyper.n_installed[0, -1]) - 1
+        return x, y, hyper, n
+    build = train.build_batch
+    monkeypatch.setattr(train, "build_batch", corrupt)
+    with pytest.raises(SystemExit, match="step 1: the training loss is inf: a target lies outside"):
+        train.main(tiny(data_dir, tmp_path, "--max_iters=2", "--block_size=64"))

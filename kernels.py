@@ -40,7 +40,9 @@ FORCE = None
 def _use_triton(*tensors):
     if FORCE is not None:
         return FORCE == "triton"
-    return HAS_TRITON and all(t.is_cuda for t in tensors)
+    # Under torch.compile (the decoding step) the reference runs: inductor fuses it into a kernel
+    # of its own, and the compiled graph stays whole.
+    return HAS_TRITON and all(t.is_cuda for t in tensors) and not torch.compiler.is_compiling()
 
 
 def _launch(rows, d):

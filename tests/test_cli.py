@@ -250,3 +250,18 @@ def test_configure_reads_flags_values_and_presets(tmp_path):
     preset.write_text("import os\n")
     with pytest.raises(ValueError, match="only `key = literal` lines"):
         cli.configure(Settings(), [str(preset)])
+
+
+def test_a_checkpoint_from_before_the_canonical_setting_loads_unmasked(tmp_path):
+    # checkpoints saved before GPTConfig.canonical existed were trained with the unmasked
+    # vocabulary: they load as canonical=False (and with the transformer hyper-encoder they had)
+    import dataclasses
+
+    from zip2zip import GPT, GPTConfig
+    cfg = GPTConfig(n_layer=1, n_head=2, n_embd=16, block_size=16)
+    args = {k: v for k, v in dataclasses.asdict(cfg).items() if k not in ("canonical", "hyper_encoder")}
+    torch.save({"model": GPT(cfg).state_dict(), "model_args": args}, tmp_path / "old.pt")
+    model, _ = cli.load_checkpoint(str(tmp_path / "old.pt"))
+    assert model.config.canonical is False and model.config.hyper_encoder == "transformer"
+    torch.save({"model": GPT(cfg).state_dict(), "model_args": dataclasses.asdict(cfg)}, tmp_path / "new.pt")
+    assert cli.load_checkpoint(str(tmp_path / "new.pt"))[0].config.canonical is True

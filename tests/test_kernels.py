@@ -409,3 +409,10 @@ def test_aot_accesses_are_as_wide_as_d_allows(name, cap, dtype, ptx):
             else:
                 want = size * min(elems, 16 // size)
             assert nbytes == want, f"d={d}: {op} moves {nbytes} bytes a thread, want {want}"
+
+
+def test_dispatch_inside_torch_compile_runs_the_reference(monkeypatch):
+    # a compiled graph (the decoding step) gets the reference, which inductor fuses itself
+    monkeypatch.setattr(kernels, "FORCE", None)
+    monkeypatch.setattr(torch.compiler, "is_compiling", lambda: True)
+    assert not kernels._use_triton(torch.zeros(1, device=DEVICE))

@@ -69,18 +69,19 @@ def build_batch(data, starts, block_size, model_config, byte_lengths):
     return torch.tensor(xs, dtype=torch.long), torch.tensor(ys, dtype=torch.long), hyper, n_bytes
 
 
-def eval_windows(val, n_windows, block_size, model_config, byte_lengths):
+def eval_windows(val, n_windows, block_size, model_config, byte_lengths, which=None):
     """The fixed validation windows, the same text for every model of this block_size.
 
     val is cut into consecutive windows of block_size base tokens (so a plain model fits them)
-    and n_windows of them, spread evenly, are kept. Each gets an EOT in front (a wall that acts as
-    a beginning of text) and a fresh codebook. Returns [(codes, n_base, n_bytes)].
+    and n_windows of them, spread evenly, are kept (or the windows numbered `which`). Each gets an
+    EOT in front (a wall that acts as a beginning of text) and a fresh codebook. Returns
+    [(codes, n_base, n_bytes)].
     """
     c, n_total = model_config, len(val) // block_size
     if n_total < n_windows:
         raise ValueError(f"--eval_windows={n_windows}: val.bin holds only {n_total} windows of {block_size} tokens")
     out = []
-    for i in np.linspace(0, n_total - 1, n_windows).round().astype(int):
+    for i in np.linspace(0, n_total - 1, n_windows).round().astype(int) if which is None else which:
         ids = [EOT] + val[i * block_size:(i + 1) * block_size].tolist()
         codes = lzw_encode(ids, c.vocab_size, c.max_codebook_size, c.max_subtokens, c.disabled_ids)
         out.append((codes, block_size, int(byte_lengths[ids].sum())))

@@ -3,6 +3,9 @@ The paper's headline measurements at small scale, on a CPU, printed as markdown 
 
     python reproduce.py                             # token efficiency and decoding speed (~5 min)
     python reproduce.py out-cpu out-plain-cpu       # and bits per byte of train.py checkpoints
+    python reproduce.py --likelihood                # the exact-likelihood set: 8 trainings (~75 min)
+    python reproduce.py --ablations                 # the ablation set: 13 trainings (~55 min)
+    python reproduce.py --ablations --quick         # the same plumbing on tiny models, in seconds
 
 1. Token efficiency (the paper's Table 2 and merge-size ablation): length ratio codes / base
    tokens and bytes per token before and after, on code (pycode val) and English prose (pydoc
@@ -10,9 +13,18 @@ The paper's headline measurements at small scale, on a CPU, printed as markdown 
 2. Bits per byte of each checkpoint given, on the same fixed validation windows (train.py's
    eval_windows and estimate_loss): the fair yardstick between a plain and a zip2zip model.
 3. Decoding speed, zip2zip against plain, at batch 1 (bench.py's decoding benchmark).
+4. --likelihood: plain, zip2zip unmasked and canonical, the plain model adapted (full, LoRA) both
+   ways and trained on as plain, on the CPU preset: canonical and multi-view bits per byte, and
+   how often an unmasked model samples a non-canonical stream.
+5. --ablations: merge size, hyper-encoder, digits, seeds, codebook size at equal training time,
+   with curves of bits per byte against training seconds (runs/curves.csv, and PNGs with
+   matplotlib). Each training run is a folder under --runs holding log.json and summary.json;
+   a finished run is reused, so a set that was stopped resumes.
 Every figure is measured by this run; the paper's are quoted beside them.
 """
 
+import json
+import math
 import os
 import sys
 import time
@@ -26,6 +38,8 @@ import bench
 import cli
 from efficiency import compression_stats
 from zip2zip import Tokenizer, gpt2_bpe
+
+ROOT = os.path.dirname(os.path.abspath(__file__))
 
 # What the paper reports (Geng et al. 2025), for the comparison
 PAPER = {"code": -0.35, "prose": -0.15, "code_bytes": (4.1, 6.3), "train_mix_m4": 0.689}
@@ -43,7 +57,14 @@ class ReproduceConfig:
     eval_batch_size: int = 16      # windows per forward pass: the result does not depend on it
     decode: bool = True            # measure the decoding speed ratio (bench.py's, batch 1)
     decode_rounds: int = 3         # timed rounds of the decoding benchmark: a median of 3 is steady enough
-    threads: int = 0               # torch CPU threads; 0: torch's default
+    threads: int = 0               # torch CPU threads; 0: torch's default (the training runs: 1 is steadier)
+    likelihood: bool = False       # train and score the exact-likelihood set instead of the tables
+    ablations: bool = False        # train the ablation set instead of the tables
+    quick: bool = False            # with those: tiny models, 2 steps a run (checks the plumbing in seconds)
+    runs: str = "out-reproduce"    # a folder per training run; a finished run is reused, not trained again
+    seconds: float = 200.0         # training time of each ablation run: 13 runs stay under an hour on 2 cores
+    beams: str = "1,4,16"          # multi-view beam widths (the widest also for the adapted models)
+    seed: int = 1337               # train.py's default: the runs are train.py's own jobs
 
 
 def data_sets(cfg):
@@ -152,6 +173,212 @@ def compare(ratios, bpb, speed):
               f"{speed['ops_ratio']:.2f}x the ops per step (paper: +9% to +48% on an H100).")
 
 
+# -----------------------------------------------------------------------------
+# Training runs: the exact-likelihood set and the ablation set. Each run is train.py in this
+# process, in a folder of its own under --runs; a finished run is reused, so an interrupted set
+# resumes where it stopped. Every run starts from config/cpu.py (on a GPU too: the same job).
+
+QUICK_RUN = ["--n_layer=1", "--n_head=2", "--n_embd=16", "--block_size=32", "--batch_size=2", "--max_seconds=0",
+             "--max_iters=2", "--warmup_iters=1", "--eval_interval=1", "--eval_windows=4", "--log_interval=1",
+             "--loader=sync", "--recon_max_entries=4"]
+
+
+def train_run(cfg, name, *args):
+    """(train.py's summary, its log.json) of the run `name`: trained with config/cpu.py and args
+    on top, unless its folder already holds that run, finished."""
+    import train
+    out = os.path.join(cfg.runs, name)
+    argv = [os.path.join(ROOT, "config", "cpu.py"), f"--threads={cfg.threads}", f"--seed={cfg.seed}", "--sample_tokens=0",
+            *args, *(QUICK_RUN if cfg.quick else []), f"--out_dir={out}"]
+    argv = [a.replace("{runs}", cfg.runs) for a in argv]
+    summary_path = os.path.join(out, "summary.json")
+    if os.path.exists(summary_path):
+        with open(summary_path) as f:
+            done = json.load(f)
+        if done["argv"] == argv:
+            print(f"reusing {out} ({' '.join(args)})")
+            return done["summary"], done["log"]
+    print(f"\n=== {name}: python train.py {' '.join(argv)}", flush=True)
+    summary = train.main(argv + ["--overwrite=True"])
+    with open(os.path.join(out, "log.json")) as f:
+        log = json.load(f)
+    summary = {k: summary[k] for k in ("val", "iter_num", "train_seconds", "bytes_per_s", "codes_per_s")}
+    with open(summary_path, "w") as f:
+        json.dump({"argv": argv, "summary": summary, "log": log}, f)
+    return summary, log
+
+
+def run_model(cfg, name):
+    model, _ = cli.load_checkpoint(os.path.join(cfg.runs, name), "cpu")
+    return model.eval()
+
+
+def windows_of(cfg, model, which=None):
+    """The validation windows (train.py's, or those numbered `which`) in `model`'s own codes."""
+    from train import eval_windows
+    c, tok = model.config, Tokenizer.for_model(model.config)
+    val = bench.load_tokens("pycode", "val")
+    return eval_windows(val, 4 if cfg.quick else cfg.eval_windows, c.block_size, c, tok.byte_lengths, which)
+
+
+def multiview_bpb(cfg, model, beam):
+    """Bits per byte of the validation windows summed over segmentations (GPT.marginal_nll)."""
+    from zip2zip import lzw_decode
+    c, nll, n_bytes = model.config, 0.0, 0
+    for codes, _, b in windows_of(cfg, model):
+        nll += model.marginal_nll(lzw_decode(codes, c.vocab_size, c.max_codebook_size, c.max_subtokens,
+                                             c.disabled_ids), beam)
+        n_bytes += b
+    return nll / (math.log(2) * n_bytes)
+
+
+def noncanonical_share(cfg, model, n=32):
+    """The share of sampled streams (temperature 1, no top-k) that are not canonical."""
+    from zip2zip import lzw_decode, lzw_encode
+    c = model.config
+    args = (c.vocab_size, c.max_codebook_size, c.max_subtokens, c.disabled_ids)
+    torch.manual_seed(cfg.seed)
+    rows = model.generate([[50256]] * (4 if cfg.quick else n), 8 if cfg.quick else 128, temperature=1.0)
+    return sum(lzw_encode(lzw_decode(r, *args), *args) != r for r in rows) / len(rows)
+
+
+def likelihood(cfg):
+    """The exact-likelihood table: plain, zip2zip unmasked and canonical from scratch (480 s each),
+    the plain model adapted in full and with LoRA both ways and trained on as plain (240 s each)."""
+    plain = "{runs}/plain"
+    runs = {"plain": ("plain GPT (M=1)", ["config/plain_cpu.py"]),
+            "unmasked": ("zip2zip, canonical=False", ["--canonical=False"]),
+            "canonical": ("zip2zip, canonical=True", ["--canonical=True"]),
+            "plain-more": ("plain, trained on (+240 s)", ["config/adapt_cpu.py", f"--init_from={plain}", "--max_subtokens=1"]),
+            "adapt-unmasked": ("plain adapted, full, canonical=False", ["config/adapt_cpu.py", f"--init_from={plain}", "--canonical=False"]),
+            "adapt-canonical": ("plain adapted, full, canonical=True", ["config/adapt_cpu.py", f"--init_from={plain}", "--canonical=True"]),
+            "lora-unmasked": ("plain adapted, LoRA 8, canonical=False", ["config/adapt_cpu.py", f"--init_from={plain}", "--canonical=False", "--lora_rank=8"]),
+            "lora-canonical": ("plain adapted, LoRA 8, canonical=True", ["config/adapt_cpu.py", f"--init_from={plain}", "--canonical=True", "--lora_rank=8"])}
+    beams = [int(b) for b in cfg.beams.split(",")]
+    rows = [["run", "command (on top of config/cpu.py)", "training s", "steps", "bytes of text/s", "bits per byte",
+             *[f"multi-view, beam {b}" for b in beams]]]
+    result = {}
+    for name, (label, args) in runs.items():
+        summary, _ = train_run(cfg, name, *[a if a.startswith("--") else os.path.join(ROOT, a) for a in args])
+        model = run_model(cfg, name)
+        views = [multiview_bpb(cfg, model, b) if not model.config.canonical and (name == "unmasked" or b == beams[-1])
+                 else None for b in beams]
+        result[name] = {**summary, "multiview": dict(zip(beams, views))}
+        rows.append([label, " ".join(args).replace("{runs}/", ""), f"{summary['train_seconds']:.0f}", summary["iter_num"],
+                     f"{summary['bytes_per_s']:,.0f}", f"{summary['val']['bpb']:.4f}",
+                     *["" if v is None else f"{v:.4f}" for v in views]])
+    print(f"\n### Exact likelihood: bits per byte on the same {4 if cfg.quick else cfg.eval_windows} validation "
+          f"windows (lower is better)\n")
+    print(markdown(rows))
+    for name in ("unmasked", "canonical"):
+        share = noncanonical_share(cfg, run_model(cfg, name))
+        result[name]["noncanonical_samples"] = share
+        print(f"\n{name}: {share:.0%} of its samples (temperature 1, no top-k) are not canonical streams")
+    return result
+
+
+ABLATIONS = {   # run: (group, label, settings on top of config/cpu.py)
+    "m1": ("merge size", "M=1 (plain)", ["--max_subtokens=1"]),
+    "m2": ("merge size", "M=2", ["--max_subtokens=2"]),
+    "m3": ("merge size", "M=3", ["--max_subtokens=3"]),
+    "m4": ("merge size", "M=4", ["--max_subtokens=4"]),
+    "m5": ("merge size", "M=5", ["--max_subtokens=5"]),
+    "mean": ("hyper-encoder", "mean of the base embeddings", ["--hyper_encoder=mean"]),
+    "mlp": ("hyper-encoder", "MLP over the slots side by side", ["--hyper_encoder=mlp"]),
+    "digits": ("digits", "M=4, no_digit_merges=True", ["--no_digit_merges=True"]),
+    "c256": ("codebook", "M=4, C=256", ["--max_codebook_size=256"]),
+    "m1-seed2": ("seeds", "plain, seed 2", ["--max_subtokens=1", "--seed=2"]),
+    "m1-seed3": ("seeds", "plain, seed 3", ["--max_subtokens=1", "--seed=3"]),
+    "m4-seed2": ("seeds", "M=4, seed 2", ["--seed=2"]),
+    "m4-seed3": ("seeds", "M=4, seed 3", ["--seed=3"]),
+}
+
+
+def digit_rich(cfg, n):
+    """The n validation windows (train.py's block) whose text holds the most digits."""
+    tok = Tokenizer()
+    digits = np.array([sum(48 <= b <= 57 for b in t) for t in tok.token_bytes])   # digit bytes per base id
+    val, block = np.asarray(bench.load_tokens("pycode", "val")), 32 if cfg.quick else 256
+    per_window = digits[val[:len(val) // block * block].astype(np.int64)].reshape(-1, block).sum(1)
+    return sorted(np.argsort(-per_window, kind="stable")[:n].tolist())
+
+
+def ablations(cfg):
+    """The paper's ablations at equal training time (--seconds a run): merge size, hyper-encoder,
+    digits, seeds, codebook size; tables, and the curves of bits per byte against training time."""
+    from train import estimate_loss
+    seconds = [] if cfg.quick else [f"--max_seconds={cfg.seconds:g}", "--eval_interval=15"]
+    runs = {name: train_run(cfg, name, *seconds, *args) for name, (_, _, args) in ABLATIONS.items()}
+    bpb = {name: s["val"]["bpb"] for name, (s, _) in runs.items()}
+    row = lambda name: [ABLATIONS[name][1], f"{bpb[name]:.4f}", f"{runs[name][0]['bytes_per_s']:,.0f}",
+                        f"{runs[name][0]['val']['ratio']:.3f}", runs[name][0]["iter_num"]]
+    head = ["run", "bits per byte", "bytes of text/s", "codes per base token", "steps"]
+    print(f"\n### Ablations: {'2 steps (quick)' if cfg.quick else f'{cfg.seconds:g} s of training'} per run, "
+          f"bits per byte on the same {4 if cfg.quick else cfg.eval_windows} validation windows\n")
+    print(markdown([head] + [row(n) for n in ("m1", "m2", "m3", "m4", "m5")]))
+    print()
+    print(markdown([head] + [row(n) for n in ("m4", "mean", "mlp", "c256")]))
+    # digits: the same text for both models, all windows and the windows richest in digits
+    which = digit_rich(cfg, 2 if cfg.quick else 32)
+    rich = {n: estimate_loss(m, windows_of(cfg, m, which), 16, nullcontext())["bpb"]
+            for n, m in ((n, run_model(cfg, n)) for n in ("m1", "m4", "digits"))}
+    print("\n" + markdown([["run", "bits per byte, all windows", f"the {len(which)} windows richest in digits"]] +
+                          [[ABLATIONS[n][1], f"{bpb[n]:.4f}", f"{rich[n]:.4f}"] for n in ("m1", "m4", "digits")]))
+    # seeds: the run-to-run noise of the main pair, and which differences exceed it
+    seeds = {kind: [bpb[n] for n in names] for kind, names in
+             (("plain", ("m1", "m1-seed2", "m1-seed3")), ("M=4", ("m4", "m4-seed2", "m4-seed3")))}
+    spread = max(max(v) - min(v) for v in seeds.values())
+    print("\n" + markdown([["model", "seeds 1337, 2, 3", "mean", "spread (max - min)"]] +
+                          [[k, ", ".join(f"{x:.4f}" for x in v), f"{np.mean(v):.4f}", f"{max(v) - min(v):.4f}"]
+                           for k, v in seeds.items()]))
+    print(f"\nAgainst M=4 (seed 1337), differences larger than the seed spread ({spread:.4f}) are marked *:")
+    for n in ("m1", "m2", "m3", "m5", "mean", "mlp", "c256", "digits"):
+        d = bpb[n] - bpb["m4"]
+        print(f"- {ABLATIONS[n][1]}: {d:+.4f}{' *' if abs(d) > spread else ''}")
+    curves(cfg, {n: log for n, (_, log) in runs.items()})
+    return {"bpb": bpb, "rich": rich, "seeds": seeds, "spread": spread}
+
+
+def curves(cfg, logs):
+    """Bits per byte against training seconds of every run: a CSV always, a PNG per group with
+    matplotlib (an optional dependency)."""
+    path = os.path.join(cfg.runs, "curves.csv")
+    with open(path, "w") as f:
+        f.write("group,run,train_seconds,bpb\n")
+        for n, log in logs.items():
+            for e in log["evals"]:
+                f.write(f"{ABLATIONS[n][0]},{n},{e['train_seconds']:.1f},{e['bpb']:.4f}\n")
+    try:
+        import matplotlib
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        print(f"\ncurves: {path} (pip install matplotlib for the pictures)")
+        return
+    groups = {"main": ["m1", "m1-seed2", "m1-seed3", "m4", "m4-seed2", "m4-seed3"], "merge size": ["m1", "m2", "m3", "m4", "m5"],
+              "hyper-encoder": ["m4", "mean", "mlp"], "digits and codebook": ["m4", "digits", "c256"]}
+    for group, names in groups.items():
+        fig, ax = plt.subplots(figsize=(6, 4))
+        for n in names:
+            e = logs[n]["evals"]
+            ax.plot([x["train_seconds"] for x in e], [x["bpb"] for x in e], marker=".",
+                    label=ABLATIONS[n][1] if group != "main" else n.replace("m1", "plain").replace("m4", "zip2zip M=4"))
+        ax.set(xlabel="training seconds", ylabel="validation bits per byte", title=f"{group} (CPU preset)")
+        ax.legend()
+        fig.tight_layout()
+        fig.savefig(os.path.join(cfg.runs, f"curves_{group.replace(' ', '_')}.png"), dpi=110)
+        plt.close(fig)
+    print(f"\ncurves: {path} and {cfg.runs}/curves_*.png")
+
+
+def markdown(rows):
+    """A markdown table: the first row is the header; numbers right-aligned."""
+    right = [all(str(r[i]).replace(",", "").replace(".", "").lstrip("+-").isdigit() or r[i] == "" for r in rows[1:])
+             for i in range(len(rows[0]))]
+    lines = ["| " + " | ".join(map(str, r)) + " |" for r in rows]
+    return "\n".join([lines[0], "|" + "|".join("---:" if x else "---" for x in right) + "|"] + lines[1:])
+
+
 def setup(argv):
     """(settings, data sets, checkpoints or None when none is given, device) from the command
     line, every one checked: GPT-2's ranks, the data (prepared first if missing), the checkpoints."""
@@ -164,7 +391,8 @@ def setup(argv):
               ("windows", ints(cfg.windows), "window lengths like 1024,4096"),
               ("max_tokens", cfg.max_tokens >= 0, "0 (all) or more"), ("eval_windows", cfg.eval_windows >= 1, "1 or more"),
               ("eval_batch_size", cfg.eval_batch_size >= 1, "1 or more"),
-              ("decode_rounds", cfg.decode_rounds >= 1, "1 or more"), ("threads", cfg.threads >= 0, "0 or more"))
+              ("decode_rounds", cfg.decode_rounds >= 1, "1 or more"), ("threads", cfg.threads >= 0, "0 or more"),
+              ("seconds", cfg.seconds > 0, "more than 0"), ("beams", ints(cfg.beams), "beam widths like 1,4,16"))
     gpt2_bpe()   # GPT-2's ranks: missing or damaged, say so now, not after the first table
     device = "cuda" if torch.cuda.is_available() else "cpu"
     return cfg, data_sets(cfg), load_models(out_dirs, device) if out_dirs else None, device
@@ -176,6 +404,11 @@ def main(argv=None):
     if cfg.threads:
         torch.set_num_threads(cfg.threads)
     t0 = time.perf_counter()
+    if cfg.likelihood or cfg.ablations:
+        result = {"likelihood": likelihood(cfg) if cfg.likelihood else None,
+                  "ablations": ablations(cfg) if cfg.ablations else None}
+        print(f"\n({time.perf_counter() - t0:.0f} s)")
+        return result
     ratios = token_efficiency(cfg, sets)
     bpb = bits_per_byte(cfg, models) if models is not None else {}   # None: no checkpoint given
     speed = None

@@ -139,3 +139,25 @@ def test_reproduce_bad_options():
         with pytest.raises(SystemExit) as e:
             reproduce.main(argv)
         assert str(e.value).startswith("error: ") and message in str(e.value)
+
+
+def test_reproduce_training_sets_quick(tmp_path, capsys):
+    # the exact-likelihood and ablation sets on tiny models (2 steps a run): every table is filled,
+    # the curves are written, and a second call reuses the finished runs instead of training again
+    import reproduce
+    runs = str(tmp_path / "runs")
+    out = reproduce.main(["--likelihood", "--ablations", "--quick", f"--runs={runs}"])
+    text = capsys.readouterr().out
+    lik, abl = out["likelihood"], out["ablations"]
+    assert set(lik) == {"plain", "unmasked", "canonical", "plain-more", "adapt-unmasked", "adapt-canonical",
+                        "lora-unmasked", "lora-canonical"}
+    mv = lik["unmasked"]["multiview"]
+    assert all(v > 0 for v in mv.values()) and mv[16] <= mv[1] + 1e-9          # a wider beam finds more
+    assert mv[16] < lik["unmasked"]["val"]["bpb"]                            # more than the canonical path
+    assert lik["canonical"]["multiview"] == {1: None, 4: None, 16: None}     # exact already: not computed
+    assert lik["canonical"]["noncanonical_samples"] == 0
+    assert set(abl["bpb"]) == set(reproduce.ABLATIONS) and abl["spread"] >= 0
+    assert "### Exact likelihood" in text and "### Ablations" in text and "richest in digits" in text
+    assert (tmp_path / "runs" / "curves.csv").read_text().count("\n") > len(reproduce.ABLATIONS)
+    reproduce.main(["--ablations", "--quick", f"--runs={runs}"])
+    assert capsys.readouterr().out.count("reusing ") == len(reproduce.ABLATIONS)

@@ -318,7 +318,10 @@ def bench_train(cfg, device, tok):
     data = load_tokens("pycode", "train")
     models = make_models(cfg, device, unmasked=True)
     B, T = cfg.train_batch_size, cfg.block_size
+    # every side reads the same windows in the same round (T + 1 codes cover at most M * (T + 1)
+    # base ids): the masked and unmasked models see identical batches, so their ratio is the mask's
     rng = np.random.default_rng(cfg.seed)
+    windows = [rng.integers(0, len(data) - cfg.max_subtokens * (T + 1), size=B) for _ in range(cfg.rounds + 1)]
     cuda = str(device).startswith("cuda")
     autocast = torch.autocast("cuda", torch.bfloat16) if cuda else torch.autocast("cpu", enabled=False)
     build, sides = {name: [] for name in models}, {}
@@ -326,10 +329,9 @@ def bench_train(cfg, device, tok):
         model.train()
         opt = torch.optim.AdamW(model.parameters(), lr=1e-4)
 
-        def step(name=name, model=model, opt=opt):
+        def step(name=name, model=model, opt=opt, rounds=iter(windows)):
             # a fresh batch every step, built and moved to the device before the step's clock starts
-            M = model.config.max_subtokens            # T + 1 codes cover at most M * (T + 1) base ids
-            starts = rng.integers(0, len(data) - M * (T + 1), size=B)
+            starts = next(rounds)
             t0 = time.perf_counter()
             x, y, hyper, n_bytes = build_batch(data, starts, T, model.config, tok.byte_lengths)
             x, y, hyper = x.to(device), y.to(device), hyper.to(device) if hyper is not None else None

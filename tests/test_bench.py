@@ -2,14 +2,18 @@
 every figure of its JSON."""
 import json
 import math
+import os
 import random
 import re
+import subprocess
 
 import pytest
 import torch
 
 import bench
 from zip2zip import lzw_decode, lzw_encode
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
 WORKED = [  # DESIGN.md section 1 (V=100, M=4)
@@ -161,3 +165,20 @@ def test_reproduce_training_sets_quick(tmp_path, capsys):
     assert (tmp_path / "runs" / "curves.csv").read_text().count("\n") > len(reproduce.ABLATIONS)
     reproduce.main(["--ablations", "--quick", f"--runs={runs}"])
     assert capsys.readouterr().out.count("reusing ") == len(reproduce.ABLATIONS)
+
+
+def test_gpu_check_plumbing_on_the_cpu(tmp_path):
+    # gpu_check.sh is the one prepared command for a GPU: its smoke mode runs every step of it on
+    # the CPU with tiny settings, so that the day a GPU runs it, it does not fail on a typo
+    out = tmp_path / "gpu_check.json"
+    p = subprocess.run(["bash", os.path.join(ROOT, "gpu_check.sh"), str(out)], capture_output=True, text=True,
+                       env={**os.environ, "GPU_CHECK_SMOKE": "1", "OMP_NUM_THREADS": "1"}, timeout=600)
+    assert p.returncode == 0, p.stdout[-2000:] + p.stderr[-2000:]
+    report = json.loads(out.read_text())
+    assert set(report) == {"bench", "decode", "decode_compiled", "train"}
+    for decode in (report["decode"], report["decode_compiled"]):
+        assert decode["batch_1"]["ratio"] > 0 and decode["batch_8"]["zip2zip_ops"] > 0
+    for compile in ("True", "False"):
+        steps = report["train"][f"compile_{compile}"]
+        assert [s["iter"] for s in steps] == [1, 2] and all(s["codes_per_s"] > 0 for s in steps)
+        assert steps[0]["flops"].endswith("FLOP/s") and report["train"][f"compile_{compile}_val"]["bpb"] > 0

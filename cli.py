@@ -9,12 +9,13 @@ one line `error: ...` naming the setting or file, before any long work starts. T
 it raises only on true bugs, which keep their traceback.
 """
 
+import codecs
 import os
 from contextlib import contextmanager
 
 import torch
 
-from zip2zip import GPT, GPTConfig
+from zip2zip import GPT, GPTConfig, Tokenizer
 
 
 @contextmanager
@@ -268,6 +269,31 @@ def table(rows, left=1):
 # text, so a mark can never be taken for the text's own brackets ([..] could: it is code). A
 # text that holds all five pairs gets the last one anyway.
 MARKS = (("⟦", "⟧"), ("⟪", "⟫"), ("⟨", "⟩"), ("⦃", "⦄"), ("⁅", "⁆"))
+def tokenizer_for(config):
+    """The Tokenizer a model (a GPTConfig) was trained with: its C, M and disabled ids, which are
+    <|endoftext|> alone, or with every digit token (no_digit_merges)."""
+    if config.vocab_size != 50257:
+        raise ValueError(f"the model's base vocabulary has {config.vocab_size} ids, GPT-2 BPE has 50257")
+    for no_digit_merges in (False, True):
+        tok = Tokenizer(config.max_subtokens, config.max_codebook_size, no_digit_merges)
+        if tok.disabled_ids == frozenset(config.disabled_ids):
+            return tok
+    raise ValueError(f"the model's disabled ids ({len(config.disabled_ids)} of them) are neither "
+                     f"<|endoftext|> alone nor <|endoftext|> and every token with a digit")
+
+
+def segments(tok, codes):
+    """[(code, text)] for each code. Text is decoded incrementally, so a character split across
+    codes is shown with the code that completes it."""
+    lzw, utf8, out = tok.codec(), codecs.getincrementaldecoder("utf-8")("replace"), []
+    for i, code in enumerate(codes):
+        ids, _ = lzw.push(code, i)
+        out.append((code, utf8.decode(b"".join(tok.token_bytes[t] for t in ids))))
+    if out:
+        out[-1] = (out[-1][0], out[-1][1] + utf8.decode(b"", final=True))
+    return out
+
+
 COLORS = (41, 44)   # red and blue backgrounds, alternating, so neighbouring hypertokens stay apart
 
 
@@ -280,9 +306,9 @@ def show(tok, codes, color=True, skip=0):
     text (the skipped codes' included) does not contain. Example, no colour, on
     "def f(x):\\n    return x\\n\\ndef g(x):\\n    return x\\n" (M=4):
     "hypertokens are shown ⟦like this⟧\\ndef f(x):\\n ⟦  ⟧ return x\\n\\ndef g⟦(x⟧⟦):\\n⟧⟦  ⟧ ⟦ return x⟧\\n"."""
-    segments = tok.segments(codes)
-    text = "".join(t for _, t in segments)
-    shown = segments[skip:]
+    pieces = segments(tok, codes)
+    text = "".join(t for _, t in pieces)
+    shown = pieces[skip:]
     if color:
         paint = lambda k, t: f"\x1b[{COLORS[k % 2]};97m{t}\x1b[0m"
         legend = f"hypertokens are shown {paint(0, 'like')} {paint(1, 'this')}"

@@ -17,13 +17,13 @@ from dataclasses import dataclass
 import numpy as np
 
 import cli
-from zip2zip import Tokenizer, _as_list, lzw_encode
+from zip2zip import Tokenizer, as_ids, lzw_encode
 
 
 def compression_stats(tokenizer, ids, window=1024):
     """Bytes, base tokens and codes for base ids cut into windows of `window` base tokens,
     each compressed with a fresh codebook (window=0: one codebook for everything)."""
-    ids = _as_list(ids)
+    ids = as_ids(ids)
     step = window or max(len(ids), 1)
     n_codes = sum(len(lzw_encode(ids[i:i + step], tokenizer.vocab_size, tokenizer.max_codebook_size,
                                  tokenizer.max_subtokens, tokenizer.disabled_ids))

@@ -37,7 +37,8 @@ import torch
 import bench
 import cli
 from efficiency import compression_stats
-from zip2zip import Tokenizer, gpt2_bpe
+from data.common import gpt2_bpe
+from zip2zip import Tokenizer
 
 ROOT = os.path.dirname(os.path.abspath(__file__))
 
@@ -114,7 +115,7 @@ def load_models(out_dirs, device):
     for path in out_dirs:
         try:
             model, ckpt = cli.load_checkpoint(path, device)
-            models.append((path, model, ckpt, Tokenizer.for_model(model.config)))
+            models.append((path, model, ckpt, cli.tokenizer_for(model.config)))
         except (FileNotFoundError, ValueError) as e:
             print(f"skipped {path}: {e}")
     return models
@@ -216,7 +217,7 @@ def run_model(cfg, name):
 def windows_of(cfg, model, which=None):
     """The validation windows (train.py's, or those numbered `which`) in `model`'s own codes."""
     from train import eval_windows
-    c, tok = model.config, Tokenizer.for_model(model.config)
+    c, tok = model.config, cli.tokenizer_for(model.config)
     val = bench.load_tokens("pycode", "val")
     return eval_windows(val, 4 if cfg.quick else cfg.eval_windows, c.block_size, c, tok.byte_lengths, which)
 

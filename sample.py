@@ -20,7 +20,7 @@ from dataclasses import dataclass
 import torch
 
 import cli
-from zip2zip import Tokenizer, lzw_decode, lzw_encode
+from zip2zip import lzw_decode, lzw_encode
 
 
 @dataclass
@@ -68,7 +68,7 @@ def setup(argv):
     device = cli.device(cfg.device)
     text = read_prompt(cfg.start)
     model, _ = cli.load_checkpoint(cfg.out_dir, device)
-    return cfg, device, model, Tokenizer.for_model(model.config), text
+    return cfg, device, model, cli.tokenizer_for(model.config), text
 
 
 def main(argv=None):

@@ -24,9 +24,7 @@ Layout: the LZW codec, the tokenizer, then the model and its decoder. (Settings,
 reports for the scripts are in cli.py and efficiency.py.)
 """
 
-import codecs
 import math
-import os
 from dataclasses import dataclass, fields, replace
 
 import numpy as np
@@ -174,14 +172,14 @@ class LZW:
         return ids, range(self.V + n, self.V + len(self.entries))
 
 
-def _check_base_ids(ids, vocab_size, offset=0):
+def check_base_ids(ids, vocab_size, offset=0):
     if len(ids) and not (0 <= min(ids) and max(ids) < vocab_size):
         i = next(i for i, t in enumerate(ids) if not 0 <= t < vocab_size)
         raise ValueError(f"base id {ids[i]} at position {offset + i} is outside the base vocabulary "
                          f"0..{vocab_size - 1}")
 
 
-def _as_list(ids, what="ids"):
+def as_ids(ids, what="ids"):
     """ids as a list of Python ints. Ids are integers: floats, bools, None or a 2-D array are a
     TypeError that says so (a float id would otherwise pass through the decoder unnoticed)."""
     if getattr(ids, "ndim", 1) != 1:
@@ -201,8 +199,8 @@ def _as_list(ids, what="ids"):
 
 def lzw_encode(ids, vocab_size, max_codebook_size, max_subtokens, disabled_ids=()):
     """Compress base ids to codes. Example (V=100): [1,2,1,2,1] -> [1, 2, 100, 1]."""
-    ids = _as_list(ids)
-    _check_base_ids(ids, vocab_size)
+    ids = as_ids(ids)
+    check_base_ids(ids, vocab_size)
     lzw, out = LZW(vocab_size, max_codebook_size, max_subtokens, disabled_ids), []
     lzw.feed(ids, out)
     lzw.flush(out)
@@ -213,7 +211,7 @@ def lzw_decode(codes, vocab_size, max_codebook_size, max_subtokens, disabled_ids
     """Expand codes to base ids. Any valid stream decodes, canonical or not:
     [1, 2, 100, 1] -> [1,2,1,2,1], and so does [1, 2, 1, 2, 1]."""
     lzw, ids, fed = LZW(vocab_size, max_codebook_size, max_subtokens, disabled_ids), [], 0
-    for i, code in enumerate(_as_list(codes, "codes")):
+    for i, code in enumerate(as_ids(codes, "codes")):
         if 0 <= code < vocab_size:
             ids.append(code)
             continue
@@ -237,8 +235,8 @@ def lzw_encode_window(ids, start, n_codes, vocab_size, max_codebook_size, max_su
     lzw, out, pos = LZW(vocab_size, max_codebook_size, max_subtokens, disabled_ids), [], start
     while len(out) < n_codes and pos < len(ids):
         # Each code covers at least one base id, so this many more never overshoots by much.
-        chunk = _as_list(ids[pos:pos + n_codes - len(out)])
-        _check_base_ids(chunk, vocab_size, pos)
+        chunk = as_ids(ids[pos:pos + n_codes - len(out)])
+        check_base_ids(chunk, vocab_size, pos)
         lzw.feed(chunk, out)
         pos += len(chunk)
     if pos >= len(ids):
@@ -250,35 +248,6 @@ def lzw_encode_window(ids, start, n_codes, vocab_size, max_codebook_size, max_su
 # Tokenizer: text -> GPT-2 BPE base ids (tiktoken r50k_base) -> LZW codes, and back
 
 
-RANKS = os.path.join(os.path.dirname(os.path.abspath(__file__)), "data", "r50k_base.tiktoken")
-RANKS_SHA256 = "306cd27f03c1a714eca7108e03d66b7dc042abe8c258b44c199a7ed9838dd930"
-
-
-def gpt2_bpe(path=None):
-    """GPT-2's BPE as a tiktoken Encoding (r50k_base), built from the ranks file shipped in this
-    repository (OpenAI's, MIT licensed), so that nothing is ever downloaded. Same ids as
-    tiktoken.get_encoding("r50k_base"). OSError with the path if the file is missing or damaged."""
-    import base64
-    import hashlib
-    import tiktoken  # imported here so that the codec above needs nothing but the stdlib
-    from tiktoken_ext import openai_public
-    path = path or RANKS
-    try:
-        with open(path, "rb") as f:
-            data = f.read()
-    except OSError as e:
-        raise OSError(f"GPT-2's BPE ranks (r50k_base) are missing: {e}; they ship with the repository "
-                      f"as {os.path.relpath(RANKS, os.path.dirname(os.path.abspath(__file__)))} (restore it with git checkout)") from None
-    if hashlib.sha256(data).hexdigest() != RANKS_SHA256:
-        raise OSError(f"{path} is damaged (its sha256 is not r50k_base's): restore it with git checkout")
-    ranks = {base64.b64decode(tok): int(rank) for tok, rank in (line.split() for line in data.splitlines() if line)}
-    # the split pattern as tiktoken writes it (older versions inline it in their gpt2 definition)
-    pattern = getattr(openai_public, "r50k_pat_str",
-                      r"""'(?:[sdmt]|ll|ve|re)| ?\p{L}+| ?\p{N}+| ?[^\s\p{L}\p{N}]+|\s+(?!\S)|\s+""")
-    return tiktoken.Encoding("r50k_base", pat_str=pattern, mergeable_ranks=ranks,
-                             special_tokens={"<|endoftext|>": 50256}, explicit_n_vocab=50257)
-
-
 class Tokenizer:
     """GPT-2 BPE, then LZW. `<|endoftext|>` is a disabled id: nothing merges across documents.
 
@@ -287,6 +256,7 @@ class Tokenizer:
     """
 
     def __init__(self, max_subtokens=4, max_codebook_size=1024, no_digit_merges=False):
+        from data.common import gpt2_bpe   # GPT-2's ranks, shipped in data/
         self.bpe = gpt2_bpe()
         self.vocab_size = self.bpe.n_vocab
         self.eot = self.bpe.eot_token
@@ -299,19 +269,6 @@ class Tokenizer:
         if no_digit_merges:
             disabled |= {i for i, b in enumerate(self.token_bytes) if any(48 <= c <= 57 for c in b)}
         self.disabled_ids = frozenset(disabled)
-
-    @classmethod
-    def for_model(cls, config):
-        """The tokenizer a model (a GPTConfig) was trained with: its C, M and disabled ids, which
-        are <|endoftext|> alone, or with every digit token (no_digit_merges)."""
-        if config.vocab_size != 50257:
-            raise ValueError(f"the model's base vocabulary has {config.vocab_size} ids, GPT-2 BPE has 50257")
-        for no_digit_merges in (False, True):
-            tok = cls(config.max_subtokens, config.max_codebook_size, no_digit_merges)
-            if tok.disabled_ids == frozenset(config.disabled_ids):
-                return tok
-        raise ValueError(f"the model's disabled ids ({len(config.disabled_ids)} of them) are neither "
-                         f"<|endoftext|> alone nor <|endoftext|> and every token with a digit")
 
     def codec(self):
         """A fresh LZW state with this tokenizer's settings (for incremental decoding)."""
@@ -334,17 +291,6 @@ class Tokenizer:
     def n_bytes(self, ids):
         """UTF-8 bytes of the text that base ids stand for (the denominator of bits per byte)."""
         return int(self.byte_lengths[np.asarray(ids, dtype=np.int64)].sum())
-
-    def segments(self, codes):
-        """[(code, text)] for each code. Text is decoded incrementally, so a character split
-        across codes is shown with the code that completes it."""
-        lzw, utf8, out = self.codec(), codecs.getincrementaldecoder("utf-8")("replace"), []
-        for i, code in enumerate(codes):
-            ids, _ = lzw.push(code, i)
-            out.append((code, utf8.decode(b"".join(self.token_bytes[t] for t in ids))))
-        if out:
-            out[-1] = (out[-1][0], out[-1][1] + utf8.decode(b"", final=True))
-        return out
 
 # -----------------------------------------------------------------------------
 # The model needs torch; the codec and the tokenizer above do not.
@@ -749,7 +695,7 @@ class GPT(nn.Module):
 
         Teacher-forced when it fits the context, else replayed through the KV-cached decoder
         (cropping as generation does). Both agree where both apply (tested)."""
-        codes = _as_list(codes, "codes")
+        codes = as_ids(codes, "codes")
         if len(codes) < 2:
             return 0.0
         if len(codes) <= self.config.block_size + 1:
@@ -761,57 +707,11 @@ class GPT(nn.Module):
             dec.advance([code])
         return total
 
-    @torch.no_grad()
     def marginal_nll(self, ids, beam_size=16):
-        """Multi-view NLL (nats) of base ids[1:] given ids[0]: -log of the summed probability of
-        the code streams that decode to ids (DESIGN.md 5), by beam search over segmentations.
-
-        Every stream that has read ids[:p] holds the same codebook (the encoder's over those base
-        tokens), so the valid next codes at text position p are the same on every path: the base
-        id ids[p], each installed entry that matches the text ahead, and the pending id if its
-        content does. Paths are grouped by text position; at each position the beam_size most
-        probable are kept and extended, all of them in one batched step of the KV-cached decoder.
-        An upper bound on -log P(text) that tightens as the beam grows, exact when nothing is
-        pruned; for a canonical model only the canonical path is finite, so it is the NLL.
-        """
-        ids, c = _as_list(ids), self.config
-        if beam_size < 1:
-            raise ValueError(f"beam_size must be >= 1, got {beam_size}")
-        _check_base_ids(ids, c.vocab_size)
-        if len(ids) < 2:
-            return 0.0
-        lzw, choices = self.codec(), {}   # choices[p]: the valid (code, length) at position p
-        for p in range(1, len(ids)):
-            lzw.feed(ids[p - 1:p], [])
-            choices[p], code = [(ids[p], 1)], ids[p]
-            for length in range(2, min(c.max_subtokens, len(ids) - p) + 1):
-                code = lzw.edges.get(code * c.vocab_size + ids[p + length - 1])
-                if code is None:
-                    break
-                choices[p].append((code, length))
-            pend = lzw.pending()
-            if pend is not None and tuple(ids[p:p + len(pend)]) == pend:
-                choices[p].append((c.vocab_size + lzw.n_entries, len(pend)))
-        # paths[p]: (log-prob, decoder, row, code): a path that read ids[:p], ending with `code`
-        # read on top of that decoder row (None: the row has read it already)
-        paths, done = {1: [(0.0, Decoder(self, [ids[:1]], temperature=0), 0, None)]}, []
-        for p in range(1, len(ids)):
-            beam = sorted(paths.pop(p, []), key=lambda path: -path[0])[:beam_size]
-            if not beam:
-                continue
-            if beam[0][3] is None:
-                dec = beam[0][1]
-            else:
-                dec = Decoder.gather([(d, row) for _, d, row, _ in beam])
-                dec.advance([code for *_, code in beam])
-            codes = [code for code, _ in choices[p]]
-            logp = F.log_softmax(dec.logits.float(), dim=-1)[:, codes].tolist()   # (paths, choices)
-            for i, (lp, *_) in enumerate(beam):
-                for (code, length), step in zip(choices[p], logp[i]):
-                    if step > float("-inf"):
-                        path = (lp + step, dec, i, code)
-                        (done if p + length == len(ids) else paths.setdefault(p + length, [])).append(path)
-        return -torch.logsumexp(torch.tensor([lp for lp, *_ in done], dtype=torch.float64), 0).item()
+        """Multi-view NLL (nats) of base ids[1:] given ids[0], summed over the code streams that
+        decode to them (DESIGN.md 5): see multiview.py."""
+        import multiview
+        return multiview.marginal_nll(self, ids, beam_size)
 
     def score(self, text, tokenizer, beam_size=0):
         """(NLL in nats, UTF-8 bytes) of a text after an <|endoftext|>: of its canonical codes, or
@@ -844,7 +744,7 @@ class GPT(nn.Module):
             raise ValueError(f"top_k must be >= 1, or None for every code; got {top_k}")
         if max_new_tokens < 0:
             raise ValueError(f"max_new_tokens must be >= 0, got {max_new_tokens}")
-        rows = idx.tolist() if torch.is_tensor(idx) else [_as_list(r, "prompt") for r in idx]
+        rows = idx.tolist() if torch.is_tensor(idx) else [as_ids(r, "prompt") for r in idx]
         if not rows or any(len(r) == 0 for r in rows):
             raise ValueError("generate needs at least one prompt and no empty prompt "
                              "(start from <|endoftext|> for an unconditional sample)")
@@ -1078,20 +978,3 @@ class Decoder:
                 self._refill(slice(b, b + 1), [self.rows[b][-(c.block_size // 2):-1]])
             packed.append(self._pack(b, code, range(n, lzw.n_entries)))
         self._run(packed)
-
-    @classmethod
-    def gather(cls, parts):
-        """A new decoder (eager) of the rows (decoder, row) in `parts`, in order: for beam search."""
-        new, d0 = cls.__new__(cls), parts[0][0]
-        new.__dict__.update(d0.__dict__, step=decode_step)
-        per_row = ("k", "v", "table_in", "table_out", "trie")     # the rest is shared
-        new.state = {t: torch.cat([d.state[t][r:r + 1] for d, r in parts]) if t in per_row else x
-                     for t, x in d0.state.items()}
-        if "table_out" in new.state and d0.state["table_out"] is d0.state["table_in"]:
-            new.state["table_out"] = new.state["table_in"]
-        new.state["rows"] = torch.arange(len(parts), device=d0.model.device)[:, None]
-        new.rows = [list(d.rows[r]) for d, r in parts]
-        new.lzw = [d.lzw[r].copy() for d, r in parts]
-        new.filled = [d.filled[r] for d, r in parts]
-        new.logits = torch.cat([d.logits[r:r + 1] for d, r in parts])
-        return new

@@ -12,6 +12,7 @@ import torch
 
 import bench
 import cli
+import data.common
 import efficiency
 import reproduce
 import sample
@@ -103,7 +104,7 @@ def test_device():
 
 @pytest.fixture
 def no_ranks(tmp_path, monkeypatch):
-    monkeypatch.setattr(zip2zip, "RANKS", str(tmp_path / "missing" / "r50k_base.tiktoken"))
+    monkeypatch.setattr(data.common, "RANKS", str(tmp_path / "missing" / "r50k_base.tiktoken"))
 
 
 def tiny_checkpoint(path):
@@ -222,7 +223,7 @@ def test_show_skips_the_prompt(tok):
     prompt, more = "def f(x):\n    return x\n", "\ndef f(x):\n    return x\n"
     codes = tok.encode(prompt + more)
     n = len(tok.encode(prompt))
-    assert tok.segments(codes[:n]) == tok.segments(codes)[:n]    # the split falls between two codes
+    assert cli.segments(tok, codes[:n]) == cli.segments(tok, codes)[:n]    # the split falls between two codes
     shown = cli.show(tok, codes, color=False, skip=n)
     assert unmark(shown, "⟦", "⟧") == more and "⟦" in shown.split("\n", 1)[1]   # decoded with the prompt's codebook
 

@@ -6,6 +6,7 @@ import numpy as np
 import pytest
 
 import efficiency
+import cli
 from cli import show
 from efficiency import compression_stats
 from zip2zip import Tokenizer
@@ -83,7 +84,7 @@ def test_no_digit_merges():
 def test_segments_and_show(tok):
     text = "the cat the cat the cat é"
     codes = tok.encode(text)
-    segs = tok.segments(codes)
+    segs = cli.segments(tok, codes)
     assert "".join(s for _, s in segs) == text
     assert any(c >= tok.vocab_size for c, _ in segs)
     plain = show(tok, codes, color=False)
@@ -94,7 +95,7 @@ def test_segments_and_show(tok):
     assert "\x1b[" in coloured
     # a multi-byte character split across two base tokens is shown whole, once
     emoji = "🙂🙂🙂🙂"
-    assert "".join(s for _, s in tok.segments(tok.encode(emoji))) == emoji
+    assert "".join(s for _, s in cli.segments(tok, tok.encode(emoji))) == emoji
 
 
 def test_compression_stats_and_report(tok, tmp_path, capsys):
@@ -141,7 +142,7 @@ def test_shipped_ranks_are_tiktokens_r50k_base(tmp_path):
     # can load it: CI points TIKTOKEN_CACHE_DIR at a cached copy; elsewhere it would download)
     import tiktoken
 
-    from zip2zip import gpt2_bpe
+    from data.common import gpt2_bpe
     ours = gpt2_bpe()
     try:
         ref = tiktoken.get_encoding("r50k_base")

@@ -201,3 +201,23 @@ def test_windows_cover_the_stream(seed):
         assert lzw_decode(codes, V, C, M, D) == ids[start:start + used]
         start, n = start + used, n + 1
     assert start == len(ids) and n > 3
+
+
+@pytest.mark.parametrize("bad,message", [
+    ([1.0, 2.5], "must be integers, got 1.0 \\(float\\) at position 0"),
+    ([1, 2, True], "must be integers, got True \\(bool\\) at position 2"),
+    (None, "must be a sequence of integers, got NoneType"),
+    ([[1, 2], [3, 4]], "must be integers, got \\[1, 2\\] \\(list\\)"),
+    ("12", "must be integers, got '1' \\(str\\)"),
+])
+def test_ids_are_integers(bad, message):
+    # a float id would otherwise pass through the decoder unnoticed (lzw_decode([1.0, 2.5]) once
+    # returned [1.0, 2.5]); say what is wrong instead
+    for f in (lzw_encode, lzw_decode):
+        with pytest.raises(TypeError, match=message):
+            f(bad, 100, 64, 4)
+    import numpy as np
+    with pytest.raises(TypeError, match="one-dimensional, got an array of 2 dimensions"):
+        lzw_decode(np.zeros((2, 2), dtype=np.int64), 100, 64, 4)
+    assert lzw_encode(np.array([1, 2, 1, 2, 1]), 100, 64, 4) == lzw_encode([1, 2, 1, 2, 1], 100, 64, 4) \
+        == lzw_encode([np.int64(1), 2, 1, 2, 1], 100, 64, 4) == [1, 2, 100, 1]     # numpy ints are ints

@@ -131,9 +131,10 @@ def test_valid_set_is_exactly_the_decoders(canonical):
     assert masked > 0 or not canonical          # the rule had something to mask here
 
 
-@pytest.mark.parametrize("canonical", [True, False])
-def test_no_leak_from_the_future(canonical):
-    model = tiny(canonical=canonical)
+@pytest.mark.parametrize("canonical,kind", [(True, "transformer"), (False, "transformer"), (True, "mlp"),
+                                            (True, "mean")])
+def test_no_leak_from_the_future(canonical, kind):
+    model = tiny(canonical=canonical, hyper_encoder=kind)
     a = codes_of(2, model, 48)
     for t in (5, 20, 40):
         b = a[:t + 1] + codes_of(3, model)[:len(a) - t - 1]    # any continuation
@@ -478,6 +479,37 @@ def test_bf16_logits_stay_bf16_and_no_fp32_copy_of_them():
     with torch.autocast("cpu", dtype=torch.bfloat16), torch.no_grad():
         dec = z.Decoder(model.eval(), [row[:5]])
     assert dec.state["k"].dtype == dec.state["table_in"].dtype == torch.bfloat16
+
+
+def test_the_canonical_mask_allocates_nothing_the_size_of_the_logits():
+    # the mask works on (B, T, K) tensors beside the logits (and writes -inf into them in place):
+    # with it, forward and backward allocate exactly as many tensors of the logits' size as without
+    from torch.utils._python_dispatch import TorchDispatchMode
+
+    class Big(TorchDispatchMode):
+        def __init__(self, numel):
+            super().__init__()
+            self.numel, self.count = numel, 0
+
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            out = func(*args, **(kwargs or {}))
+            if not (func.is_view or func._schema.is_mutable):   # new memory, not a view or an update
+                self.count += sum(torch.is_tensor(t) and t.numel() >= self.numel
+                                  for t in (out if isinstance(out, (tuple, list)) else [out]))
+            return out
+
+    counts = []
+    for canonical in (True, False):
+        model = tiny(vocab_size=4000, canonical=canonical).train()
+        row = codes_of(0, model)
+        idx, tgt = torch.tensor([row[:-1]] * 2), torch.tensor([row[1:]] * 2)
+        hyper = model.hyper_batch(idx.tolist())
+        big = Big(idx.numel() * 4000)
+        with big:
+            _, loss = model(idx, tgt, hyper=hyper)
+            loss.backward()
+        counts.append(big.count)
+    assert counts[0] == counts[1], counts
 
 
 def step_ops(model, greedy):

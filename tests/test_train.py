@@ -498,3 +498,10 @@ def test_a_masked_training_target_fails_loudly(data_dir, tmp_path, monkeypatch):
     monkeypatch.setattr(train, "build_batch", corrupt)
     with pytest.raises(SystemExit, match="step 1: the training loss is inf: a target lies outside"):
         train.main(tiny(data_dir, tmp_path, "--max_iters=2", "--block_size=64"))
+
+
+def test_no_codebook_at_all_trains_and_evaluates(data_dir, tmp_path):
+    # M > 1 with no room for a single entry: no batch ever has a hypertoken (once a crash at the
+    # first evaluation); the model is then a plain GPT with an unused hyper-encoder
+    out = train.main(tiny(data_dir, tmp_path, "--max_codebook_size=0", "--max_iters=2", "--eval_interval=1"))
+    assert out["iter_num"] == 2 and out["val"]["ratio"] == 1.0 and math.isfinite(out["val"]["bpb"])

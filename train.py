@@ -31,7 +31,6 @@ What differs from nanoGPT's train.py:
 
 import math
 import os
-import re
 import sys
 import time
 from contextlib import ExitStack, closing, nullcontext
@@ -122,11 +121,10 @@ MODEL_KEYS = ("block_size", "n_layer", "n_head", "n_embd", "dropout", "bias", "m
               "recon_lambda", "recon_max_entries")
 
 
-def check_config(cfg, cuda, world):
+def check_config(cfg, world):
     """ValueError naming the first setting that cannot work. It reads no file, so it runs before
     any checkpoint or data is loaded, and a typo is never blamed on them."""
     c = cfg
-    device_ok = re.fullmatch(r"auto|cpu|mps|cuda(:\d+)?", c.device)
     rules = (  # (setting, whether its value can work, what it must be)
         ("n_layer", c.n_layer >= 1, "at least 1"), ("n_head", c.n_head >= 1, "at least 1"),
         ("n_embd", c.n_embd >= 1 and c.n_embd % max(c.n_head, 1) == 0, f"a positive multiple of --n_head={c.n_head}"),
@@ -150,13 +148,11 @@ def check_config(cfg, cuda, world):
         ("beta1", 0 <= c.beta1 < 1, "in [0, 1)"), ("beta2", 0 <= c.beta2 < 1, "in [0, 1)"),
         ("loader", c.loader in ("process", "thread", "sync"), "process, thread or sync"),
         ("num_workers", c.num_workers >= 0, "0 (automatic) or more"), ("threads", c.threads >= 0, "0 (torch's) or more"),
-        ("dtype", c.dtype in ("auto", "float32", "bfloat16", "float16"), "auto, float32, bfloat16 or float16"),
-        ("device", device_ok, "auto, cpu, cuda, cuda:N or mps"),
-        ("device", cuda or not c.device.startswith("cuda"), "auto or cpu: CUDA is not available here"),
-        ("device", c.device != "mps" or torch.backends.mps.is_available(), "auto or cpu: MPS is not available here"))
+        ("dtype", c.dtype in ("auto", "float32", "bfloat16", "float16"), "auto, float32, bfloat16 or float16"))
     for key, ok, what in rules:
         if not ok:
             raise ValueError(f"--{key}={getattr(cfg, key)!r}: expected {what}")
+    cli.device(c.device)   # unknown, or not on this machine: ValueError naming --device
 
 
 def read_config(argv, cuda, world):
@@ -167,7 +163,7 @@ def read_config(argv, cuda, world):
     rest = cli.configure(cfg, argv)
     if rest:
         raise ValueError(f"unexpected arguments {rest}: expected preset files config/x.py and --key=value")
-    check_config(cfg, cuda, world)
+    check_config(cfg, world)
     return cfg
 
 
@@ -184,7 +180,7 @@ def resume_config(cfg, argv, cuda, world):
                for k in MODEL_KEYS + ("lora_rank", "no_digit_merges", "dataset") if getattr(new, k) != getattr(saved, k)]
     if changed:
         raise ValueError(f"cannot change on resume: {', '.join(changed)}")
-    check_config(new, cuda, world)
+    check_config(new, world)
     return new, resumed
 
 # -----------------------------------------------------------------------------
@@ -324,7 +320,7 @@ def _main(argv, held):
     if master and not cuda and cfg.init_from != "resume":
         print("no CUDA here: the CPU preset config/cpu.py applies first" +
               (f"; it trains for at most {hms(cfg.max_seconds)} (h:mm:ss)" if cfg.max_seconds > 0 else ""))
-    device = cfg.device if cfg.device != "auto" else "cuda" if cuda else "cpu"
+    device = cli.device(cfg.device)
     if ddp:
         device = f"cuda:{local_rank}" if cuda else "cpu"
         torch.distributed.init_process_group(backend="nccl" if cuda else "gloo")

@@ -429,8 +429,8 @@ def test_two_writers_never_share_a_temporary_file(tmp_path):
     (["--threads=-1"], "--threads=-1: expected 0"),
     (["--learning_rate=-0.1"], "--learning_rate=-0.1: expected 0 or more"),
     (["--num_workers=-1"], "--num_workers=-1: expected 0"),
-    (["--device=bogus"], "--device='bogus': expected auto, cpu, cuda, cuda:N or mps"),
-    (["--device=bogus", "--init_from=resume"], "--device='bogus'"),     # not blamed on the checkpoint
+    (["--device=bogus"], "--device=bogus: unknown device; expected auto, cpu, cuda, cuda:N or mps"),
+    (["--device=bogus", "--init_from=resume"], "--device=bogus: unknown device"),     # not blamed on the checkpoint
     (["--gradient_accumulation_steps=0"], "--gradient_accumulation_steps=0: expected a positive multiple"),
     (["config/nope.py"], "preset 'config/nope.py' not found"),
     (["stray"], "unexpected arguments ['stray']"),

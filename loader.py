@@ -91,8 +91,6 @@ def eval_windows(val, n_windows, block_size, model_config, byte_lengths, which=N
 # Background workers
 
 
-
-
 def _produce(out, stop, path, get_batch, job, worker, n_workers):
     """A loader worker: micro-batches first + worker, + n_workers, ... into the queue `out`, each
     with the seconds it took to build."""
@@ -196,7 +194,7 @@ def to_device(x, y, hyper, device):
     asynchronous: the GPU keeps computing while they run. Every HyperBatch field goes."""
     pin = str(device).startswith("cuda")
     move = lambda t: (t.pin_memory() if pin else t).to(device, non_blocking=True)
-    return move(x), move(y), hyper and HyperBatch(**{f: move(getattr(hyper, f)) for f in HYPER_FIELDS})
+    return move(x), move(y), hyper and hyper.to(device)      # (HyperBatch.to pins the same way)
 
 
 def _malloc_trim():

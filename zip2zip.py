@@ -486,7 +486,8 @@ class HyperEncoder(nn.Module):
 
 def join_logits(base, x, table, pending, n, has_pending, canon=None):
     """Next-code logits over the exact causal vocabulary (DESIGN.md 2) and, with canon, only the
-    canonical codes (DESIGN.md 2.1). Training and the decoding step both use it.
+    canonical codes (DESIGN.md 2.1), for T positions at once (training, scoring); decode_step
+    applies the same rules to one position, where the pending vector lives in the table.
 
     base (B, T, V) base logits (masked in place); x (B, T, d) hidden states; table (B, K, d)
     each row's entry vectors; pending (B, T, d) the vector of the pending content, has_pending

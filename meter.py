@@ -14,18 +14,22 @@ def flops_per_batch(model, B, T, hyper):
 
     Per code: 6 per weight of the blocks and the output layer (2 forward, 4 backward), 12 L d T for
     attention, 6 d K for the K hypertoken logits. Per unique hypertoken, in each hyper-encoder:
-    6 per weight per slot (its output projection: once), attention over the M slots; and the
-    reconstruction head's M slots of d x d then d x V. Frozen weights (LoRA) are counted as
-    trained, as nanoGPT does. Tested against torch's FLOP counter."""
+    6 per weight per slot (its MLP and output projection: once), attention over the M slots, the
+    mean of the base embeddings; and the reconstruction head's M slots of d x d then d x V.
+    Frozen weights (LoRA) are counted as trained, as nanoGPT does. Tested against torch's FLOP
+    counter, for every hyper-encoder."""
     c, d, M = model.config, model.config.n_embd, model.config.max_subtokens
     K = hyper.entries.size(1) if hyper is not None else 0
     trunk = sum(p.numel() for p in model.transformer.h.parameters()) + c.vocab_size * d
     flops = (6 * trunk + 12 * c.n_layer * d * T + 6 * d * K) * B * T
     if hyper is not None:
         U, encoders = hyper.contents.size(0), {model.hyper_in, model.hyper_out}
-        weights = sum(p.numel() * (0 if n == "slot_pos" else 1 if n.startswith("proj.") else M)
+        # a transformer's layers run on each of the M slots; the MLP and the output projection once
+        weights = sum(p.numel() * (0 if n == "slot_pos" else 1 if n.startswith(("proj.", "mlp.")) else M)
                       for e in encoders for n, p in e.named_parameters())
-        flops += U * (6 * weights + len(encoders) * 12 * c.hyper_n_layer * c.hyper_n_embd * M * M)
+        attention = sum(e.kind == "transformer" for e in encoders) * 12 * c.hyper_n_layer * c.hyper_n_embd * M * M
+        mean = len(encoders) * 4 * M * d      # the mean of the base embeddings, and its gradient
+        flops += U * (6 * weights + attention + mean)
         if c.recon_lambda > 0:
             flops += 6 * min(U, c.recon_max_entries) * M * (d * d + d * c.vocab_size)
     return flops

@@ -175,10 +175,12 @@ def test_eval_matches_model_nll_on_the_same_text(data_dir, tok):
     assert 0 < mv["bpb_multiview"] < mv["bpb"]
 
 
-def test_flops_per_batch_counts_what_torch_counts():
+@pytest.mark.parametrize("kind", ["transformer", "mlp", "mean"])
+def test_flops_per_batch_counts_what_torch_counts(kind):
     """The estimate behind the MFU in the log, against torch's FLOP counter on one forward and
     backward pass (attention as plain matmuls, so that it counts them), a small vocabulary so that
-    the hypertoken parts weigh: within 2% in total, 1% in what zip2zip adds to a plain GPT."""
+    the hypertoken parts weigh: within 2% in total, 1% in what zip2zip adds to a plain GPT, for
+    every hyper-encoder."""
     from torch.nn.attention import SDPBackend, sdpa_kernel
     from torch.utils.flop_counter import FlopCounterMode
     rng, counted = np.random.default_rng(0), {}
@@ -186,7 +188,7 @@ def test_flops_per_batch_counts_what_torch_counts():
         torch.manual_seed(0)
         model = zip2zip.GPT(zip2zip.GPTConfig(vocab_size=64, disabled_ids=(), block_size=64, n_layer=2, n_head=2,
                                               n_embd=64, bias=False, max_subtokens=M, hyper_n_layer=2,
-                                              hyper_n_embd=32, recon_max_entries=64))
+                                              hyper_n_embd=32, recon_max_entries=64, hyper_encoder=kind))
         rows = [zip2zip.lzw_encode(rng.integers(0, 8, 400).tolist(), 64, 1024, M)[:65] for _ in range(3)]
         x, y = torch.tensor([r[:-1] for r in rows]), torch.tensor([r[1:] for r in rows])
         hyper = model.hyper_batch(x.tolist()) if M > 1 else None

@@ -193,21 +193,21 @@ def train_run(cfg, name, *args):
     argv = [os.path.join(ROOT, "config", "cpu.py"), f"--threads={cfg.threads}", f"--seed={cfg.seed}", "--sample_tokens=0",
             *args, *(QUICK_RUN if cfg.quick else []), f"--out_dir={out}"]
     argv = [a.replace("{runs}", cfg.runs) for a in argv]
-    summary_path = os.path.join(out, "summary.json")
+    summary_path, done = os.path.join(out, "summary.json"), None
     if os.path.exists(summary_path):
         with open(summary_path) as f:
             done = json.load(f)
-        if done["argv"] == argv:
-            print(f"reusing {out} ({' '.join(args)})")
-            return done["summary"], done["log"]
-    print(f"\n=== {name}: python train.py {' '.join(argv)}", flush=True)
-    summary = train.main(argv + ["--overwrite=True"])
-    with open(os.path.join(out, "log.json")) as f:
-        log = json.load(f)
-    summary = {k: summary[k] for k in ("val", "iter_num", "train_seconds", "bytes_per_s", "codes_per_s")}
-    with open(summary_path, "w") as f:
-        json.dump({"argv": argv, "summary": summary, "log": log}, f)
-    return summary, log
+    if done and done["argv"] == argv:
+        print(f"reusing {out} ({' '.join(args)})")
+    else:
+        print(f"\n=== {name}: python train.py {' '.join(argv)}", flush=True)
+        summary = train.main(argv + ["--overwrite=True"])
+        done = {"argv": argv, "summary": {k: summary[k] for k in ("val", "iter_num", "train_seconds", "bytes_per_s",
+                                                                  "codes_per_s")}}
+        with open(summary_path, "w") as f:   # what log.json lacks: the speed, and the command
+            json.dump(done, f)
+    with open(os.path.join(out, "log.json")) as f:   # the curves: train.py's own log, the one source
+        return done["summary"], json.load(f)
 
 
 def run_model(cfg, name):

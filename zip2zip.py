@@ -801,29 +801,31 @@ def sample(logits, temperature, top_k):
 def decode_step(model, state, packed, temperature, top_k):
     """One decoding step of fixed-shape tensors, with no host sync: it compiles once.
 
-    packed (B, F) int64 holds, per row, what the host's LZW decoder found when it read the code
-    (see Decoder._pack): the code as a base id (0 if it is none) and as a table row (C if it is
-    none), its slot in the KV cache (its position), n + 1 if a pending id exists else n (n: the
-    entries installed), the code of the encoder's current match; then the M + 1 table rows to
-    write (the entries the code installed, padded to the scratch row C, and row n for the pending
-    content), their (trie parent, first, last base id), and their contents and lengths. state:
-    the Decoder's tensors, written in place. Returns the next-code logits (B, W) and a sampled
-    next code per row (B,).
+    packed (F,) int64 holds what each row's LZW decoder found when it read the code (see
+    Decoder._pack), field by field, each field for all B rows (so that every field is a
+    contiguous view and nothing is copied): the code as a base id (0 if it is none) and as a
+    table row (C if it is none), its slot in the KV cache (its position), n + 1 if a pending id
+    exists else n (n: the entries installed), the code of the encoder's current match; then the
+    M + 1 table rows to write (the entries the code installed, padded to the scratch row C, and
+    row n for the pending content), their (trie parent, first, last base id), and their contents
+    and lengths. state: the Decoder's tensors, written in place. Returns the next-code logits
+    (B, W) and a sampled next code per row (B,).
     """
     c, wte = model.config, model.transformer.wte.weight
-    B, M, S = packed.size(0), c.max_subtokens, c.max_subtokens + 1
-    base_id, table_row, pos, n_plus, match = packed[:, :5].unbind(1)                 # (B,) each
+    B, M, S = state["rows"].size(0), c.max_subtokens, c.max_subtokens + 1
+    base_id, table_row, pos, n_plus, match = packed[:5 * B].view(5, B).unbind(0)     # (B,) each
     x = wte[base_id]                                                                # (B, d)
     if c.hyper:
-        slots, trie, contents, lengths = packed[:, 5:].split([S, 3 * S, S * M, S], 1)
+        slots, trie, contents, lengths = packed[5 * B:].split([B * S, B * S * 3, B * S * M, B * S])
+        slots, trie = slots.view(B, S), trie.view(B, S, 3)
         # 1. encode the new entries and the pending content, write them into the row's tables:
         # an entry at its row j, the pending vector at row n (its column V + n scores it)
-        h_in, h_out = model.hyper_tables(contents.reshape(-1, M), lengths.reshape(-1))   # (B * S, d)
+        h_in, h_out = model.hyper_tables(contents.view(B * S, M), lengths)          # (B * S, d)
         rows = state["rows"]                                                        # (B, 1)
         state["table_in"][rows, slots] = h_in.view(B, S, -1).to(state["table_in"].dtype)
         if not c.tie_weights:
             state["table_out"][rows, slots] = h_out.view(B, S, -1).to(state["table_out"].dtype)
-        state["trie"][rows, slots] = trie.view(B, S, 3)
+        state["trie"][rows, slots] = trie
         # 2. every code's embedding is read from its row's table: a hypertoken's from its row (which
         # holds it now, also when it is the pending id just installed), a base id's from the
         # scratch row C, where it is written first
@@ -941,12 +943,13 @@ class Decoder:
                                                  slots.expand(idx.size(0), L)))
 
     def _pack(self, b, code, new):
-        """Row b's part of a step's input (see decode_step): the code it reads, and the entries
-        `new` (indices j) that reading it installed: at most one per base token read."""
+        """Row b's part of a step's input (see decode_step), a list per field: the code it reads,
+        and the entries `new` (indices j) that reading it installed: at most one per base token."""
         c, lzw = self.model.config, self.lzw[b]
         V, C, M = c.vocab_size, c.max_codebook_size, c.max_subtokens
         pending, n = lzw.pending(), lzw.n_entries
-        head = [code if code < V else 0, code - V if code >= V else C, self.filled[b], n + (pending is not None), lzw.code]
+        head = [[code if code < V else 0], [code - V if code >= V else C], [self.filled[b]],
+                [n + (pending is not None)], [lzw.code]]
         self.filled[b] += 1
         if not c.hyper:
             return head
@@ -955,12 +958,13 @@ class Decoder:
         trie = [(lzw.parents[j], lzw.entries[j][0], lzw.entries[j][-1]) for j in new] + [(-2, 0, 0)] * pad + \
             [(-2, pending[0] if pending else 0, 0)]   # the pending id is never a child: parent -2
         contents = [lzw.entries[j] for j in new] + [(0,)] * pad + [pending or (0,)]
-        return head + slots + [t for e in trie for t in e] + \
-            [t for e in contents for t in e + (0,) * (M - len(e))] + [len(e) for e in contents]
+        return head + [slots, [t for e in trie for t in e],
+                       [t for e in contents for t in e + (0,) * (M - len(e))], [len(e) for e in contents]]
 
-    def _run(self, packed):
-        # one host-to-device copy of the step's input, one read back of the chosen codes
-        packed = torch.tensor(packed, dtype=torch.long)
+    def _run(self, parts):
+        # one host-to-device copy of the step's input (field by field: see decode_step), one
+        # read back of the chosen codes
+        packed = torch.tensor([v for field in zip(*parts) for row in field for v in row], dtype=torch.long)
         if self.model.device.type == "cuda":
             packed = packed.pin_memory().to(self.model.device, non_blocking=True)
         self.logits, nxt = self.step(self.model, self.state, packed, self.temperature, self.top_k)

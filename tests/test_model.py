@@ -512,8 +512,8 @@ def test_the_canonical_mask_allocates_nothing_the_size_of_the_logits():
     assert counts[0] == counts[1], counts
 
 
-def step_ops(model, greedy):
-    """The aten ops of one KV-cached decoding step."""
+def step_ops(model, greedy, batch=1):
+    """The aten ops of one KV-cached decoding step of `batch` rows."""
     from torch.utils._python_dispatch import TorchDispatchMode
 
     class Count(TorchDispatchMode):
@@ -526,22 +526,24 @@ def step_ops(model, greedy):
             return func(*args, **(kwargs or {}))
 
     c = model.config
-    codes = z.lzw_encode(stream(7, 400), V, c.max_codebook_size, c.max_subtokens, c.disabled_ids)
-    dec = z.Decoder(model, [codes[:100]], temperature=0 if greedy else 1.0)
+    rows = [z.lzw_encode(stream(7 + b, 400), V, c.max_codebook_size, c.max_subtokens, c.disabled_ids)
+            for b in range(batch)]
+    dec = z.Decoder(model, [r[:100] for r in rows], temperature=0 if greedy else 1.0)
     with torch.no_grad():
-        for code in codes[100:110]:
-            dec.advance([code])
+        for t in range(100, 110):
+            dec.advance([r[t] for r in rows])
         count = Count()
         with count:
-            dec.advance([codes[110]])
+            dec.advance([r[110] for r in rows])
     return count.ops
 
 
-@pytest.mark.parametrize("greedy", [False, True])
-def test_a_decoding_step_has_few_ops_and_no_host_sync(greedy):
-    # 6 layers, batch 1, as the GPU-readiness issue measures it; the count does not depend on width
+@pytest.mark.parametrize("greedy,batch", [(False, 1), (True, 1), (False, 8)])
+def test_a_decoding_step_has_few_ops_and_no_host_sync(greedy, batch):
+    # 6 layers, batch 1 as the GPU-readiness issue measures it, and batch 8 (no copies of the
+    # step's input where rows are many); the count does not depend on width
     cfg = dict(block_size=256, n_layer=6, n_head=2, n_embd=32, max_codebook_size=256, hyper_n_embd=16, hyper_n_head=2)
-    zip_ops, plain_ops = (step_ops(tiny(**cfg, max_subtokens=m), greedy) for m in (M, 1))
+    zip_ops, plain_ops = (step_ops(tiny(**cfg, max_subtokens=m), greedy, batch) for m in (M, 1))
     kernels = [[op for op in ops if not op.is_view] for ops in (zip_ops, plain_ops)]   # launches on a GPU
     assert len(kernels[0]) <= 1.4 * len(kernels[1]), [len(k) for k in kernels]
     syncs = {"_local_scalar_dense", "nonzero", "item", "masked_select", "is_nonzero", "equal", "unique"}

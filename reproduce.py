@@ -362,9 +362,18 @@ def curves(cfg, logs):
     for group, names in groups.items():
         fig, ax = plt.subplots(figsize=(6, 4))
         for n in names:
-            e = logs[n]["evals"]
-            ax.plot([x["train_seconds"] for x in e], [x["bpb"] for x in e], marker=".",
-                    label=ABLATIONS[n][1] if group != "main" else n.replace("m1", "plain").replace("m4", "zip2zip M=4"))
+            e = [x for x in logs[n]["evals"] if x["train_seconds"] > 0]   # step 0 (untrained) would squash the rest
+            style = {}
+            if group == "main":   # one colour per model, one line style per seed
+                seed = n.partition("-")[2]
+                style = dict(color="tab:blue" if n.startswith("m1") else "tab:red",
+                             linestyle={"": "-", "seed2": "--", "seed3": ":"}[seed])
+                label = f"{'plain' if n.startswith('m1') else 'zip2zip M=4'}, seed {seed[4:] or cfg.seed}"
+            elif n == "m4":   # the reference run: name what the others change
+                label = {"hyper-encoder": "M=4, transformer", "digits and codebook": "M=4, C=1024"}.get(group, "M=4")
+            else:
+                label = ABLATIONS[n][1]
+            ax.plot([x["train_seconds"] for x in e], [x["bpb"] for x in e], marker=".", label=label, **style)
         ax.set(xlabel="training seconds", ylabel="validation bits per byte", title=f"{group} (CPU preset)")
         ax.legend()
         fig.tight_layout()

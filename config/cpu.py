@@ -4,7 +4,7 @@
 # budget (not a step count) ends the run and its learning-rate schedule.
 out_dir = "out-cpu"
 block_size = 256            # codes: ~550 base tokens of code at M=4
-batch_size = 4              # small batches, more steps: ~200 steps in the time
+batch_size = 4              # small batches, more steps: ~400 steps in the time (M=4)
 gradient_accumulation_steps = 1
 n_layer = 4
 n_head = 4

@@ -67,8 +67,9 @@ RANKS_SHA256 = "306cd27f03c1a714eca7108e03d66b7dc042abe8c258b44c199a7ed9838dd930
 
 def gpt2_bpe(path=None):
     """GPT-2's BPE as a tiktoken Encoding (r50k_base), built from the ranks file shipped in this
-    repository (OpenAI's, MIT licensed: data/r50k_base.LICENSE), so that nothing is ever downloaded. Same ids as
-    tiktoken.get_encoding("r50k_base"). OSError with the path if the file is missing or damaged."""
+    repository (OpenAI's, MIT licensed: data/r50k_base.LICENSE), so that nothing is ever
+    downloaded. Same ids as tiktoken.get_encoding("r50k_base"). OSError with the path if the file
+    is missing or damaged."""
     import base64
 
     import tiktoken

@@ -127,11 +127,10 @@ def check_config(cfg, world):
     c = cfg
     rules = (  # (setting, whether its value can work, what it must be)
         ("n_layer", c.n_layer >= 1, "at least 1"), ("n_head", c.n_head >= 1, "at least 1"),
-        ("n_embd", c.n_embd >= 1 and c.n_embd % max(c.n_head, 1) == 0, f"a positive multiple of --n_head={c.n_head}"),
+        ("n_embd", c.n_embd >= 1, "at least 1"),
         ("hyper_n_layer", c.hyper_n_layer >= 1, "at least 1"), ("hyper_n_head", c.hyper_n_head >= 1, "at least 1"),
         ("hyper_encoder", c.hyper_encoder in ("transformer", "mlp", "mean"), "transformer, mlp or mean"),
-        ("hyper_n_embd", c.hyper_n_embd >= 0 and c.hyper_n_embd % max(c.hyper_n_head, 1) == 0,
-         f"0 (n_embd // 4) or a multiple of --hyper_n_head={c.hyper_n_head}"),
+        ("hyper_n_embd", c.hyper_n_embd >= 0, "0 (n_embd // 4) or more"),
         ("block_size", c.block_size >= 2, "at least 2"), ("max_subtokens", c.max_subtokens >= 1, "at least 1"),
         ("max_codebook_size", c.max_codebook_size >= 0, "0 or more"), ("dropout", 0 <= c.dropout < 1, "in [0, 1)"),
         ("recon_lambda", c.recon_lambda >= 0, "0 or more"), ("recon_max_entries", c.recon_max_entries >= 0, "0 or more"),
@@ -152,6 +151,10 @@ def check_config(cfg, world):
     for key, ok, what in rules:
         if not ok:
             raise ValueError(f"--{key}={getattr(cfg, key)!r}: expected {what}")
+    for heads, width in (("n_head", "n_embd"), ("hyper_n_head", "hyper_n_embd")):   # both named: either may be the typo
+        if getattr(c, width) % getattr(c, heads):
+            raise ValueError(f"--{heads}={getattr(c, heads)} does not divide --{width}={getattr(c, width)}: "
+                             f"each head gets {width} / {heads} dimensions")
     cli.device(c.device)   # unknown, or not on this machine: ValueError naming --device
 
 

@@ -483,6 +483,10 @@ def setup(argv):
               ("train_batch_size", cfg.train_batch_size >= 1, "1 or more"),
               ("json", not cfg.json or os.path.isdir(os.path.dirname(os.path.abspath(cfg.json))),
                "a file in a folder that exists"))
+    # the model's settings, checked by its own config now, not deep inside a part later
+    GPTConfig(block_size=cfg.block_size, n_layer=cfg.n_layer, n_head=cfg.n_head, n_embd=cfg.n_embd,
+              max_subtokens=cfg.max_subtokens, max_codebook_size=cfg.max_codebook_size,
+              recon_max_entries=cfg.recon_max_entries)
     device = cli.device(cfg.device)
     tok = Tokenizer(cfg.max_subtokens, cfg.max_codebook_size)   # GPT-2's ranks, checked here
     if set(parts) - {"kernels"}:   # the other parts read pycode: prepare it now if it is missing

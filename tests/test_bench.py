@@ -100,6 +100,8 @@ def test_bad_options(tmp_path):
                           (["--rounds=0"], "--rounds=0: expected 1 or more"),
                           (["--decode_batches=1,x"], "--decode_batches=1,x: expected batch sizes like 1,8"),
                           (["--device=gpu"], "--device=gpu: unknown device"),
+                          (["--n_head=5"], "n_embd=384 is not a multiple of n_head=5"),
+                          (["--n_layer=0"], "n_layer=0: must be >= 1"),
                           ([f"--json={tmp_path}/no/such/folder/b.json"], "expected a file in a folder that exists")):
         with pytest.raises(SystemExit) as e:
             bench.main(argv)

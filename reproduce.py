@@ -4,7 +4,7 @@ The paper's headline measurements at small scale, on a CPU, printed as markdown 
     python reproduce.py                             # token efficiency and decoding speed (~5 min)
     python reproduce.py out-cpu out-plain-cpu       # and bits per byte of train.py checkpoints
     python reproduce.py --likelihood                # the exact-likelihood set: 8 trainings (~75 min)
-    python reproduce.py --ablations                 # the ablation set: 13 trainings (~55 min)
+    python reproduce.py --ablations                 # the ablation set: 13 trainings (~50 min)
     python reproduce.py --ablations --quick         # the same plumbing on tiny models, in seconds
 
 1. Token efficiency (the paper's Table 2 and merge-size ablation): length ratio codes / base

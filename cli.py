@@ -11,7 +11,7 @@ it raises only on true bugs, which keep their traceback.
 
 import codecs
 import os
-from contextlib import contextmanager
+from contextlib import contextmanager, nullcontext
 
 import torch
 
@@ -57,6 +57,16 @@ def device(name):
     if dev.type not in ("cpu", "cuda", "mps"):
         raise ValueError(f"--device={name}: not supported; expected auto, cpu, cuda, cuda:N or mps")
     return name
+
+
+def autocast(dtype, device):
+    """(dtype name, context to compute in) for a --dtype setting on a device (as cli.device gives
+    it): "auto" is bfloat16 on a GPU that has it, else float32; float32 runs without autocast,
+    bfloat16 and float16 under it (nanoGPT's rule)."""
+    kind = "cuda" if device.startswith("cuda") else "cpu"
+    if dtype == "auto":
+        dtype = "bfloat16" if kind == "cuda" and torch.cuda.is_bf16_supported() else "float32"
+    return dtype, nullcontext() if dtype == "float32" else torch.autocast(kind, dtype=getattr(torch, dtype))
 
 # -----------------------------------------------------------------------------
 # settings

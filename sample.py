@@ -8,11 +8,10 @@ The prompt is printed once, then each sample's continuation in a block of its ow
 hypertoken marked (alternating colours on a terminal, otherwise a pair of brackets such as ⟦ ⟧
 that the text does not contain; a legend line says which), then what compression bought: how
 many base tokens the generated codes stand for, the length ratio codes / base tokens, the share
-of hypertokens, and text bytes per second. A prompt longer than the context is fine: the decoder keeps the last
-block_size codes and the whole codebook. An empty prompt starts from <|endoftext|>.
+of hypertokens, and text bytes per second. A prompt longer than the context is fine: the decoder
+keeps the last block_size codes and the whole codebook. An empty prompt starts from <|endoftext|>.
 """
 
-import contextlib
 import sys
 import time
 from dataclasses import dataclass
@@ -75,10 +74,7 @@ def main(argv=None):
     with cli.one_line_errors():
         cfg, device, model, tok, text = setup(sys.argv[1:] if argv is None else argv)
     model.eval()
-    cuda = device.startswith("cuda")
-    dtype = cfg.dtype if cfg.dtype != "auto" else "bfloat16" if cuda and torch.cuda.is_bf16_supported() else "float32"
-    ctx = contextlib.nullcontext() if dtype == "float32" else \
-        torch.autocast("cuda" if cuda else "cpu", dtype=getattr(torch, dtype))
+    _, ctx = cli.autocast(cfg.dtype, device)
     color = sys.stdout.isatty() if cfg.color is None else cfg.color
     settings = (tok.vocab_size, tok.max_codebook_size, tok.max_subtokens, tok.disabled_ids)
 

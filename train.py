@@ -33,7 +33,7 @@ import math
 import os
 import sys
 import time
-from contextlib import ExitStack, closing, nullcontext
+from contextlib import ExitStack, closing
 from dataclasses import asdict, dataclass
 
 import numpy as np
@@ -335,10 +335,7 @@ def _main(argv, held):
         torch.set_num_threads(cfg.threads)
     accum = cfg.gradient_accumulation_steps // world
     device_type = "cuda" if device.startswith("cuda") else "cpu"
-    dtype = cfg.dtype if cfg.dtype != "auto" else \
-        "bfloat16" if device_type == "cuda" and torch.cuda.is_bf16_supported() else "float32"
-    ptdtype = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}[dtype]
-    ctx = nullcontext() if ptdtype == torch.float32 else torch.autocast(device_type=device_type, dtype=ptdtype)
+    dtype, ctx = cli.autocast(cfg.dtype, device)
     torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = True
     mconf = GPTConfig(vocab_size=tokenizer.vocab_size, disabled_ids=tuple(sorted(tokenizer.disabled_ids)),
                       **{k: getattr(cfg, k) for k in MODEL_KEYS})

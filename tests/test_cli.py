@@ -102,6 +102,17 @@ def test_device():
             cli.device(name)
 
 
+def test_autocast_resolves_the_dtype_once_for_every_script():
+    assert cli.autocast("auto", "cpu")[0] == "float32"         # no GPU: full precision
+    name, ctx = cli.autocast("float32", "cpu")
+    with ctx:
+        assert not torch.is_autocast_enabled("cpu")
+    name, ctx = cli.autocast("bfloat16", "cpu")
+    with ctx:
+        assert name == "bfloat16" and torch.get_autocast_dtype("cpu") == torch.bfloat16
+        assert (torch.ones(2, 2) @ torch.ones(2, 2)).dtype == torch.bfloat16
+
+
 @pytest.fixture
 def no_ranks(tmp_path, monkeypatch):
     monkeypatch.setattr(data.common, "RANKS", str(tmp_path / "missing" / "r50k_base.tiktoken"))

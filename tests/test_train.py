@@ -16,6 +16,7 @@ import subprocess
 import sys
 import sysconfig
 import threading
+from contextlib import nullcontext
 
 import numpy as np
 import pytest
@@ -155,23 +156,23 @@ def test_eval_matches_model_nll_on_the_same_text(data_dir, tok):
     plain = train.eval_windows(val, 5, 32, zip2zip.GPTConfig(block_size=32, max_subtokens=1), tok.byte_lengths)
     assert [w[1:] for w in windows] == [w[1:] for w in plain]          # identical text for every model
     assert all(zip2zip.lzw_decode(w[0], 50257, 1024, 4, (tok.eot,)) == p[0] for w, p in zip(windows, plain))
-    m = train.estimate_loss(model, windows, 2, train.nullcontext())
+    m = train.estimate_loss(model, windows, 2, nullcontext())
     nll = sum(model.nll(codes) for codes, _, _ in windows)
     assert m["bpb"] == pytest.approx(nll / (math.log(2) * sum(w[2] for w in windows)), rel=1e-5)
     assert m["ratio"] == pytest.approx(sum(len(w[0]) - 1 for w in windows) / (5 * 32))
-    assert m == pytest.approx(train.estimate_loss(model, windows, 3, train.nullcontext()))  # nor batching
+    assert m == pytest.approx(train.estimate_loss(model, windows, 3, nullcontext()))  # nor batching
     shapes = []
     model.register_forward_pre_hook(lambda mod, args, kwargs: shapes.append(tuple(args[0].shape)), with_kwargs=True)
-    assert m == pytest.approx(train.estimate_loss(model, windows, 2, train.nullcontext(), static=True), rel=1e-6)
+    assert m == pytest.approx(train.estimate_loss(model, windows, 2, nullcontext(), static=True), rel=1e-6)
     assert set(shapes) == {(2, 32)}     # training's shapes: a compiled model compiles nothing new
     # multi-view bits per byte: for a canonical model, the canonical figure itself (one stream has
     # probability); unmasked, the segmentations the beam finds sum to more than the canonical one
-    mv = train.estimate_loss(model, windows[:2], 2, train.nullcontext(), beam=2)
+    mv = train.estimate_loss(model, windows[:2], 2, nullcontext(), beam=2)
     assert mv["bpb_multiview"] == pytest.approx(mv["bpb"], rel=1e-5)
     torch.manual_seed(0)
     unmasked = zip2zip.GPT(zip2zip.GPTConfig(block_size=32, n_layer=1, n_head=2, n_embd=32, max_subtokens=4,
                                              canonical=False))
-    mv = train.estimate_loss(unmasked, windows[:2], 2, train.nullcontext(), beam=4)
+    mv = train.estimate_loss(unmasked, windows[:2], 2, nullcontext(), beam=4)
     assert 0 < mv["bpb_multiview"] < mv["bpb"]
 
 

@@ -465,9 +465,7 @@ def setup(argv):
     """(settings, parts, device, tokenizer) from the command line, every one checked; the data
     sets the parts read are prepared first if missing."""
     cfg = BenchConfig()
-    extra = cli.configure(cfg, argv, presets=False)
-    if extra:
-        raise ValueError(f"unexpected argument {extra[0]!r} (options are --key=value; see --help)")
+    cli.configure(cfg, argv, presets=False, positional=False)
     parts = [p for p in cfg.parts.split(",") if p]
     unknown = set(parts) - {"codec", "decode", "train", "kernels"}
     if unknown:

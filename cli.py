@@ -92,14 +92,14 @@ def _coerce(value, default, where):
     return value
 
 
-def configure(config, args, presets=True):
+def configure(config, args, presets=True, positional=True):
     """Apply preset files and `--key=value` overrides (`--flag` alone: True) to a dataclass instance,
     in order.
 
     A preset (`config/name.py`) is a file of `key = literal` lines: parsed, never executed.
     Unknown keys and values of the wrong type raise ValueError naming them. `--help` or `-h`
     anywhere prints help_text(config) and exits with status 0. Returns the remaining
-    positional arguments.
+    positional arguments; with positional=False (a script that takes none) one is a ValueError.
     """
     import ast
     import dataclasses
@@ -113,7 +113,7 @@ def configure(config, args, presets=True):
             raise ValueError(f"{where}: unknown key {key!r}; known keys: {', '.join(sorted(known))} (see --help)")
         setattr(config, key, _coerce(value, getattr(config, key), where))
 
-    positional = []
+    rest = []
     for arg in args:
         if arg.startswith("--"):
             key, eq, value = arg[2:].partition("=")
@@ -136,8 +136,10 @@ def configure(config, args, presets=True):
                     raise ValueError(f"{where}: the value of {node.targets[0].id} is not a literal") from None
                 set_value(node.targets[0].id, value, where)
         else:
-            positional.append(arg)
-    return positional
+            rest.append(arg)
+    if rest and not positional:
+        raise ValueError(f"unexpected argument {rest[0]!r} (options are --key=value; see --help)")
+    return rest
 
 
 def field_comments(cls):

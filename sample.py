@@ -55,9 +55,7 @@ def read_prompt(start):
 def setup(argv):
     """(settings, device, model, tokenizer, prompt text) from the command line, every one checked."""
     cfg = SampleConfig()
-    extra = cli.configure(cfg, argv, presets=False)
-    if extra:
-        raise ValueError(f"unexpected argument {extra[0]!r} (options are --key=value; see --help)")
+    cli.configure(cfg, argv, presets=False, positional=False)
     cli.check(cfg, ("num_samples", cfg.num_samples >= 0, "0 or more"),
               ("max_new_tokens", cfg.max_new_tokens >= 0, "0 or more"),
               ("temperature", cfg.temperature >= 0, "0 (greedy) or more"),

@@ -83,9 +83,7 @@ def main(argv=None):
     # preparing is reading and writing files: each of its expected failures (a missing or
     # unreadable folder, GPT-2's ranks) is one line; the checks in write_splits stay asserts
     with cli.one_line_errors():
-        extra = cli.configure(cfg, sys.argv[1:] if argv is None else argv, presets=False)
-        if extra:
-            raise ValueError(f"unexpected argument {extra[0]!r} (options are --key=value; see --help)")
+        cli.configure(cfg, sys.argv[1:] if argv is None else argv, presets=False, positional=False)
         cli.check(cfg, ("val_fraction", 0 < cfg.val_fraction < 1, "a fraction between 0 and 1"),
                   ("stdlib_dir", not cfg.stdlib_dir or os.path.isdir(cfg.stdlib_dir), "a folder"))
         t0 = time.time()

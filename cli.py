@@ -252,8 +252,7 @@ def load_checkpoint(path, device="cpu"):
         raise ValueError(f"{file!r}: unknown model settings {sorted(unknown)}")
     args = dict(ckpt["model_args"])
     args["disabled_ids"] = tuple(args.get("disabled_ids", ()))
-    if "canonical" in known:   # saved before the setting existed: such a model trained on any windows
-        args.setdefault("canonical", False)
+    args.setdefault("canonical", False)   # saved before the setting existed: trained unmasked
     model = GPT(GPTConfig(**args))
     # torch.compile prefixes parameter names with _orig_mod.; DDP with module.
     state = {k.removeprefix("_orig_mod.").removeprefix("module."): v for k, v in ckpt["model"].items()}

@@ -916,7 +916,8 @@ class Decoder:
         h_in, h_out = self.model.hyper_tables(padded, torch.tensor([len(e) for e in contents], device=device))
         rows, cols = (torch.tensor(v, device=device) for v in zip(*new))
         self.state["table_in"][rows, cols] = h_in.to(self.state["table_in"].dtype)
-        self.state["table_out"][rows, cols] = h_out.to(self.state["table_out"].dtype)
+        if not c.tie_weights:   # tied: table_out is table_in, written just now
+            self.state["table_out"][rows, cols] = h_out.to(self.state["table_out"].dtype)
         self.state["trie"][rows, cols] = torch.tensor(
             [(self.lzw[b].parents[j], e[0], e[-1]) for (b, j), e in zip(new, contents)], device=device)
 
@@ -974,12 +975,12 @@ class Decoder:
     def advance(self, codes):
         """Read one code per row (ValueError if a code is not valid for its row), then compute
         the next-code logits and draw the next codes."""
-        c, packed = self.model.config, []
+        c, parts = self.model.config, []
         for b, (lzw, code) in enumerate(zip(self.lzw, codes)):
             n = lzw.n_entries
             lzw.push(code, len(self.rows[b]))
             self.rows[b].append(code)
             if self.filled[b] == c.block_size:   # context full: keep the row's last block_size // 2
                 self._refill(slice(b, b + 1), [self.rows[b][-(c.block_size // 2):-1]])
-            packed.append(self._pack(b, code, range(n, lzw.n_entries)))
-        self._run(packed)
+            parts.append(self._pack(b, code, range(n, lzw.n_entries)))
+        self._run(parts)

@@ -24,7 +24,6 @@ Every figure is measured by this run; the paper's are quoted beside them.
 """
 
 import json
-import math
 import os
 import sys
 import time
@@ -224,14 +223,10 @@ def windows_of(cfg, model, which=None):
 
 
 def multiview_bpb(cfg, model, beam):
-    """Bits per byte of the validation windows summed over segmentations (GPT.marginal_nll)."""
-    from zip2zip import lzw_decode
-    c, nll, n_bytes = model.config, 0.0, 0
-    for codes, _, b in windows_of(cfg, model):
-        nll += model.marginal_nll(lzw_decode(codes, c.vocab_size, c.max_codebook_size, c.max_subtokens,
-                                             c.disabled_ids), beam)
-        n_bytes += b
-    return nll / (math.log(2) * n_bytes)
+    """Bits per byte of the validation windows summed over segmentations (GPT.marginal_nll), as
+    train.py --eval_beam measures it."""
+    from train import estimate_loss
+    return estimate_loss(model, windows_of(cfg, model), cfg.eval_batch_size, nullcontext(), beam=beam)["bpb_multiview"]
 
 
 def noncanonical_share(cfg, model, n=32):

@@ -10,7 +10,7 @@ How fast zip2zip is, side by side with what it replaces, in one run:
    is launch-bound at batch 1). Untrained weights: the speed of a step does not depend on them,
    and the replayed codes are the text's own.
 3. training: text bytes per optimizer step per second (forward, backward, AdamW), zip2zip with
-   and without the canonical mask against plain, on batches from train.py's build_batch (built
+   and without the canonical mask against plain, on batches from loader.build_batch, as train.py's (built
    apart, timed apart).
 4. kernels: the Triton kernels against their PyTorch references (CUDA only).
 
@@ -309,12 +309,7 @@ def bench_decode(cfg, device, tok):
 
 def bench_train(cfg, device, tok):
     """Text bytes per second of one training step, and of building its batch, zip2zip vs plain."""
-    try:
-        from train import build_batch
-    except ModuleNotFoundError as e:
-        if e.name != "train":
-            raise
-        return "skipped: train.py not found"
+    from loader import build_batch, to_device   # train.py's batches, moved as train.py moves them
     data = load_tokens("pycode", "train")
     models = make_models(cfg, device, unmasked=True)
     B, T = cfg.train_batch_size, cfg.block_size
@@ -334,7 +329,7 @@ def bench_train(cfg, device, tok):
             starts = next(rounds)
             t0 = time.perf_counter()
             x, y, hyper, n_bytes = build_batch(data, starts, T, model.config, tok.byte_lengths)
-            x, y, hyper = x.to(device), y.to(device), hyper.to(device) if hyper is not None else None
+            x, y, hyper = to_device(x, y, hyper, device)
             sync(device)
             build[name].append(float(n_bytes) / (time.perf_counter() - t0))
             t0 = time.perf_counter()

@@ -10,8 +10,8 @@ How fast zip2zip is, side by side with what it replaces, in one run:
    is launch-bound at batch 1). Untrained weights: the speed of a step does not depend on them,
    and the replayed codes are the text's own.
 3. training: text bytes per optimizer step per second (forward, backward, AdamW), zip2zip with
-   and without the canonical mask against plain, on batches from loader.build_batch, as train.py's (built
-   apart, timed apart).
+   and without the canonical mask against plain, on train.py's batches (loader.build_batch;
+   built apart, timed apart).
 4. kernels: the Triton kernels against their PyTorch references (CUDA only).
 
     python bench.py                          # everything; a table on stdout

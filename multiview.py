@@ -1,6 +1,7 @@
 """
-The multi-view likelihood of a text (DESIGN.md 5): its probability summed over the code streams
-that decode to it, for any zip2zip model (GPT.marginal_nll calls marginal_nll here).
+The multi-view likelihood of a text (DESIGN.md 5): the probability that a model's text starts
+with it, summed over the code streams that spell it, for any zip2zip model (GPT.marginal_nll and
+GPT.loglikelihoods call prefix_nlls here).
 
 Many code streams spell the same text: the canonical one, and every one that writes a run of base
 tokens in smaller pieces than the greedy encoder would. An unmasked model (canonical=False)
@@ -13,8 +14,10 @@ canonical model (canonical=True) only the canonical stream is finite, and this i
 Every stream that has read the base tokens ids[:p] holds the same codebook (the encoder's over
 those tokens, DESIGN.md 1.1), so the valid next codes at text position p are the same on every
 path: the base id ids[p], each installed entry that matches the text ahead, and the pending id if
-its content does. Paths are grouped by text position; at each position the beam_size most
-probable are kept and extended, all of them in one batched step of the KV-cached decoder.
+its content does. A path ends with the code that spells the last tokens of the text and may run
+past them (DESIGN.md 2.2): the text goes on, and any continuation counts. Paths are grouped by
+text position; at each position the beam_size most probable are kept and extended, all of them
+in one batched step of the KV-cached decoder.
 """
 
 import torch
@@ -23,21 +26,25 @@ from torch.nn import functional as F
 from zip2zip import Decoder, as_ids, check_base_ids, decode_step
 
 
-def lattice(model, ids):
-    """{p: [(code, length)]}: the codes that may come after ids[:p] and spell ids[p:p + length]."""
-    c, lzw, choices = model.config, model.codec(), {}
+def lattice(model, ids, ends):
+    """What may come after ids[:p], for p = 1 .. len(ids) - 1: ({p: [(code, length)]}, the codes
+    that spell ids[p:p + length] and stop inside ids; {p: {e: [code]}}, for each end e of `ends`
+    within M of p, the codes that spell all of ids[p:e] and may run past it (DESIGN.md 2.2))."""
+    c, lzw, choices, finals = model.config, model.codec(), {}, {}
     for p in range(1, len(ids)):
         lzw.feed(ids[p - 1:p], [])                       # the codebook after ids[:p]
-        choices[p], code = [(ids[p], 1)], ids[p]
-        for length in range(2, min(c.max_subtokens, len(ids) - p) + 1):
-            code = lzw.edges.get(code * c.vocab_size + ids[p + length - 1])   # the trie, one token deeper
-            if code is None:
-                break
+        choices[p], code = [], ids[p]
+        for length in range(1, min(c.max_subtokens, len(ids) - 1 - p) + 1):
+            if length > 1:
+                code = lzw.edges.get(code * c.vocab_size + ids[p + length - 1])   # the trie, one token deeper
+                if code is None:
+                    break
             choices[p].append((code, length))
         pend = lzw.pending()
-        if pend is not None and tuple(ids[p:p + len(pend)]) == pend:
+        if pend is not None and p + len(pend) < len(ids) and tuple(ids[p:p + len(pend)]) == pend:
             choices[p].append((c.vocab_size + lzw.n_entries, len(pend)))
-    return choices
+        finals[p] = {e: lzw.starting_with(ids[p:e]) for e in ends if 0 < e - p <= c.max_subtokens}
+    return choices, finals
 
 
 def gather_rows(parts):
@@ -58,18 +65,20 @@ def gather_rows(parts):
 
 
 @torch.no_grad()
-def marginal_nll(model, ids, beam_size=16):
-    """NLL (nats) of base ids[1:] given ids[0], summed over the code streams that spell them."""
+def prefix_nlls(model, ids, ends, beam_size=16):
+    """For each e in ends: the NLL (nats) that the text starts with base ids[1:e], given ids[0],
+    summed over the code streams the beam finds (DESIGN.md 2.2 and 5). One search serves every
+    end: the paths that reach a text position are the same whichever end is asked for."""
     ids = as_ids(ids)
     if beam_size < 1:
         raise ValueError(f"beam_size must be >= 1, got {beam_size}")
     check_base_ids(ids, model.config.vocab_size)
-    if len(ids) < 2:
-        return 0.0
-    choices = lattice(model, ids)
+    if not all(1 <= e <= len(ids) for e in ends):
+        raise ValueError(f"ends must lie in 1..{len(ids)}, got {list(ends)}")
+    choices, finals = lattice(model, ids, ends)
     # paths[p]: (log-prob, decoder, row, code): a path that read ids[:p], ending with `code` read
     # on top of that decoder row (None: the row has read it already). Greedy decoders draw nothing.
-    paths, done = {1: [(0.0, Decoder(model, [ids[:1]], temperature=0), 0, None)]}, []
+    paths, done = {1: [(0.0, Decoder(model, [ids[:1]], temperature=0), 0, None)]}, {e: [] for e in ends}
     for p in range(1, len(ids)):
         beam = sorted(paths.pop(p, []), key=lambda path: -path[0])[:beam_size]
         if not beam:
@@ -79,11 +88,13 @@ def marginal_nll(model, ids, beam_size=16):
         else:
             dec = gather_rows([(d, row) for _, d, row, _ in beam])
             dec.advance([code for *_, code in beam])
-        codes = [code for code, _ in choices[p]]
-        logp = F.log_softmax(dec.logits.float(), dim=-1)[:, codes].tolist()   # (paths, choices)
+        logp = F.log_softmax(dec.logits.float(), dim=-1)                    # (paths, W)
+        steps = logp[:, [code for code, _ in choices[p]]].tolist()          # (paths, choices)
+        last = {e: logp[:, codes].logsumexp(-1).tolist() for e, codes in finals[p].items()}
         for i, (lp, *_) in enumerate(beam):
-            for (code, length), step in zip(choices[p], logp[i]):
+            for (code, length), step in zip(choices[p], steps[i]):
                 if step > float("-inf"):
-                    path = (lp + step, dec, i, code)
-                    (done if p + length == len(ids) else paths.setdefault(p + length, [])).append(path)
-    return -torch.logsumexp(torch.tensor([lp for lp, *_ in done], dtype=torch.float64), 0).item()
+                    paths.setdefault(p + length, []).append((lp + step, dec, i, code))
+            for e in last:                    # the path ends here: the code at p spells ids[p:e] and goes on
+                done[e].append(lp + last[e][i])
+    return [0.0 if e == 1 else -torch.logsumexp(torch.tensor(done[e], dtype=torch.float64), 0).item() for e in ends]

@@ -245,7 +245,9 @@ def estimate_loss(model, windows, batch_size, ctx, rank=0, world=1, static=False
     static: every batch is padded to (batch_size, block_size), pad rows all EOT with no targets, so
     that a compiled model sees training's shapes and compiles nothing new (the same numbers, for
     the price of computing the padding).
-    bpb = sum of NLL over every code after the leading EOT / (ln 2 * bytes of the window's text).
+    bpb = NLL that the model's text starts with the window's (DESIGN.md 2.2: every code after the
+    leading EOT, the last one summed over the codes that may stand there) / (ln 2 * bytes of the
+    window's text).
     """
     c, device = model.config, model.device
     model.eval()
@@ -260,9 +262,15 @@ def estimate_loss(model, windows, batch_size, ctx, rank=0, world=1, static=False
         hyper = model.hyper_batch(x).to(device) if c.hyper else None
         with ctx:
             logits, _ = model(torch.tensor(x, device=device), hyper=hyper)     # (B, T, V [+ K + 1])
-        nll = zip2zip.token_nll(logits, y).sum()
+        # the last code of each window is scored as the text going on past it (DESIGN.md 2.2): the
+        # summed probability of every code that may stand there, not only the one written
+        last = [(b, len(codes) - 2, model.last_code_choices(codes)) for b, codes in enumerate(rows) if len(codes) > 1]
+        y[[b for b, _, _ in last], [t for _, t, _ in last]] = -1
+        nll = zip2zip.token_nll(logits, y).sum() - sum(
+            logits[b, t].float().log_softmax(-1)[choices].logsumexp(0) for b, t, choices in last)
         base, n_bytes = (sum(w[k] for w in mine[i:i + batch_size]) for k in (1, 2))
-        total += torch.tensor([nll.item(), (y >= 0).sum().item(), base, n_bytes, 0], dtype=torch.float64, device=device)
+        n_codes = (y >= 0).sum().item() + len(last)
+        total += torch.tensor([nll.item(), n_codes, base, n_bytes, 0], dtype=torch.float64, device=device)
     for codes, _, _ in mine if beam else []:
         with ctx:
             total[4] += model.marginal_nll(zip2zip.lzw_decode(codes, c.vocab_size, c.max_codebook_size,

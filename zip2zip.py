@@ -136,6 +136,19 @@ class LZW:
             return None
         return buf + (buf[0],)
 
+    def starting_with(self, ids):
+        """Every code this state can read next whose content starts with the base ids `ids`: the
+        base id itself (one id), the installed entries that begin with them, and the pending id if
+        its content does. These are the codes that may stand where a text ending in `ids` goes on
+        (DESIGN.md 2.2). Example: entries [1,2] [2,1] and pending [1,2,1]: (1,2) -> [V, V+2]."""
+        ids, L = tuple(ids), len(ids)
+        codes = [ids[0]] if L == 1 else []
+        codes += [self.V + j for j, e in enumerate(self.entries) if e[:L] == ids]
+        pending = self.pending()
+        if pending is not None and pending[:L] == ids:
+            codes.append(self.V + len(self.entries))
+        return codes
+
     def resolve(self, code, position=None):
         """Base ids of the next code to read, or ValueError if this state cannot read it."""
         n = len(self.entries)
@@ -473,7 +486,7 @@ class HyperEncoder(nn.Module):
         x = kernels.gather_slots(contents, lengths, table, self.slot_pos)   # (U, M, d), pads are 0
         mean = torch.einsum("um,umd->ud", w, x - self.slot_pos.to(x.dtype))  # (U, d): of the base embeddings
         if self.kind == "mlp":
-            return mean + self.proj(self.mlp(x.view(U, -1)))
+            return mean + self.proj(self.mlp(x.flatten(1)))   # (U, M * d)
         # attention over a content's own slots: log w is -inf on pads and the same number on every
         # real slot of a content, and softmax ignores a constant shift (one op, where a boolean
         # mask costs three)
@@ -511,7 +524,9 @@ def join_logits(base, x, table, pending, n, has_pending, canon=None):
         child = (parents[:, None, :] == match[..., None]) & (col[:K] < n)  # (B, T, K)
         banned = torch.zeros_like(child, dtype=base.dtype).masked_fill_(child, float("-inf"))
         base.scatter_add_(-1, last[:, None, :].expand(B, T, K), banned)    # -inf at those base ids
-        valid[..., :K] &= base.gather(-1, first[:, None, :].expand(B, T, K)) != float("-inf")
+        # (column n is the pending id, not entry n: a row with fewer than K entries has a later
+        # entry, or a pad, in that column, whose first base id says nothing of the pending one)
+        valid[..., :K] &= (base.gather(-1, first[:, None, :].expand(B, T, K)) != float("-inf")) | (col[:K] == n)
     return torch.cat([base, hyper.masked_fill(~valid, float("-inf"))], dim=-1)
 
 
@@ -688,36 +703,119 @@ class GPT(nn.Module):
         return token_nll(logits, target).sum() / (target >= 0).sum()
 
     # -------------------------------------------------------------------------
-    # Scoring and generation, through the KV-cached Decoder below
+    # Likelihoods (DESIGN.md 2.2) and generation, through the KV-cached Decoder below
+    #
+    # A model writes on past any text, so the likelihood of a text is the probability that the
+    # model's base tokens *start with* it. All the streams that spell a text and go on share their
+    # codes up to the text's last code; there, any valid code whose content starts with the last
+    # code's may stand (it may run past the text): the prefix probability sums them.
+
+    def last_code_choices(self, codes):
+        """The codes that may stand at the last position of `codes` when their text goes on: every
+        valid code there whose content starts with the last code's (DESIGN.md 2.2)."""
+        lzw = self.codec()
+        for t, code in enumerate(codes[:-1]):
+            lzw.push(code, t)
+        return lzw.starting_with(lzw.resolve(codes[-1], len(codes) - 1))
 
     @torch.no_grad()
-    def nll(self, codes):
-        """Total negative log-likelihood (nats) of codes[1:] given codes[0], one sequence.
+    def code_logprobs(self, rows, keep):
+        """Teacher-force each row of codes. Returns, per row, (lp, dist): lp (n-1,) the log-prob of
+        code t given the codes before it, t = 1..n-1; dist (n - keep, W) the whole next-code
+        log-distribution at positions t = keep..n-1 (the row's keep). Rows that fit the context
+        share one forward pass; a longer row is replayed through the KV-cached decoder, which
+        crops it as generation does."""
+        c, out = self.config, []
+        short = [i for i, r in enumerate(rows) if len(r) <= c.block_size + 1]
+        if short:
+            T = max(len(rows[i]) for i in short) - 1
+            x = torch.tensor([rows[i][:-1] + [0] * (T + 1 - len(rows[i])) for i in short], device=self.device)
+            logp = F.log_softmax(self(x)[0].float(), dim=-1)                  # (B, T, W)
+        for i, (row, k) in enumerate(zip(rows, keep)):
+            n = len(row)
+            if i in short:
+                lp = logp[short.index(i), :n - 1]                               # (n - 1, W): position t at t - 1
+                out.append((lp.gather(-1, torch.tensor(row[1:], device=lp.device)[:, None])[:, 0], lp[k - 1:]))
+                continue
+            dec, lp, dist = Decoder(self, [row[:1]], temperature=0), [], []   # greedy: no draws to waste
+            for t in range(1, n):
+                step = F.log_softmax(dec.logits[0].float(), dim=-1)
+                lp.append(step[row[t]])
+                dist += [step] if t >= k else []
+                dec.advance([row[t]])
+            out.append((torch.stack(lp), torch.stack(dist)))
+        return out
 
-        Teacher-forced when it fits the context, else replayed through the KV-cached decoder
-        (cropping as generation does). Both agree where both apply (tested)."""
+    def nll(self, codes, prefix=True):
+        """Negative log-likelihood (nats) of codes[1:] given codes[0], one sequence. prefix=True:
+        that the model's text starts with theirs (DESIGN.md 2.2: the last term sums every code
+        that may stand at the last position); prefix=False: of exactly this finished stream."""
         codes = as_ids(codes, "codes")
         if len(codes) < 2:
             return 0.0
-        if len(codes) <= self.config.block_size + 1:
-            idx, tgt = torch.tensor([codes[:-1]], device=self.device), torch.tensor([codes[1:]], device=self.device)
-            return token_nll(self(idx)[0], tgt).sum().item()
-        dec, total = Decoder(self, [codes[:1]], temperature=0), 0.0   # (greedy: no draws to waste)
-        for code in codes[1:]:
-            total -= F.log_softmax(dec.logits.float(), dim=-1)[0, code].item()
-            dec.advance([code])
-        return total
+        lp, dist = self.code_logprobs([codes], [len(codes) - 1])[0]
+        if not prefix:
+            return -lp.sum().item()
+        return -(lp[:-1].sum() + dist[0, self.last_code_choices(codes)].logsumexp(0)).item()
 
     def marginal_nll(self, ids, beam_size=16):
-        """Multi-view NLL (nats) of base ids[1:] given ids[0], summed over the code streams that
-        decode to them (DESIGN.md 5): see multiview.py."""
+        """Multi-view NLL (nats) that the text starts with base ids[1:], given ids[0], summed over
+        the code streams that spell it (DESIGN.md 5): see multiview.py."""
         import multiview
-        return multiview.marginal_nll(self, ids, beam_size)
+        return multiview.prefix_nlls(self, ids, [len(ids)], beam_size)[0]
+
+    @torch.no_grad()
+    def loglikelihoods(self, context, continuations, beam_size=0):
+        """[(log P(continuation | context) in nats, is_greedy)] for several continuations of one
+        context (lists of base ids; the context's first id is the start, as in nll).
+
+        log P(cont | ctx) = log P_prefix(ctx + cont) - log P_prefix(ctx) (DESIGN.md 2.2): exact for
+        a canonical model; with beam_size > 0 both are multi-view sums (multiview.py), exact for
+        any model when the beam holds every path. is_greedy (DESIGN.md 2.3): along the canonical
+        codes of ctx + cont, from the context's last code on, each code is a most probable one
+        there (at the context's last code, among the codes that spell the context's end; at the
+        last, any code that spells the rest of the text counts). All continuations are read in
+        one forward pass, which also gives P_prefix(ctx): the streams share the codes before the
+        context's last one.
+        """
+        c = self.config
+        ctx, conts = as_ids(context, "context"), [as_ids(x, "continuation") for x in continuations]
+        if not ctx or not conts or not all(conts):
+            raise ValueError("loglikelihood needs a context of at least one id (the start) and non-empty continuations")
+        for ids in [ctx] + conts:
+            check_base_ids(ids, c.vocab_size)
+        args = (c.vocab_size, c.max_codebook_size, c.max_subtokens, c.disabled_ids)
+        head, rows = lzw_encode(ctx, *args), [lzw_encode(ctx + x, *args) for x in conts]
+        k = len(head)                            # the context's last code stands at position k - 1
+        spell_ctx = self.last_code_choices(head) if k > 1 else None
+        out = []
+        for row, (lp, dist) in zip(rows, self.code_logprobs(rows, [max(k - 1, 1)] * len(rows))):
+            n, spell_all = len(row), self.last_code_choices(row)
+            assert row[:k - 1] == head[:k - 1], "DESIGN.md 2.2: the streams share the codes before the context's last"
+            logp = lp[max(k - 2, 0):n - 2].sum() + dist[-1, spell_all].logsumexp(0)   # positions k-1 .. n-2, then n-1
+            if k > 1:
+                logp = logp - dist[0, spell_ctx].logsumexp(0)
+            greedy = True          # (a tie for the most probable counts as greedy)
+            for t in range(max(k - 1, 1), n):
+                step = dist[t - max(k - 1, 1)]
+                best = step[spell_ctx].max() if t == k - 1 else step.max()
+                greedy &= bool(step[spell_all if t == n - 1 else row[t]].max() >= best)
+            out.append((logp.item(), greedy))
+        if beam_size > 0:
+            import multiview
+            out = [(nll_ctx - nll_all, greedy) for x, (_, greedy) in zip(conts, out)
+                   for nll_ctx, nll_all in [multiview.prefix_nlls(self, ctx + x, [len(ctx), len(ctx) + len(x)], beam_size)]]
+        return out
+
+    def loglikelihood(self, context, continuation, beam_size=0):
+        """log P(continuation | context) in nats (base ids; see loglikelihoods)."""
+        return self.loglikelihoods(context, [continuation], beam_size)[0][0]
 
     def score(self, text, tokenizer, beam_size=0):
-        """(NLL in nats, UTF-8 bytes) of a text after an <|endoftext|>: of its canonical codes, or
-        with beam_size > 0 the multi-view NLL (marginal_nll). bits per byte = nll / (ln 2 * bytes):
-        the same text gives comparable numbers for a plain and a zip2zip model, whatever their codes."""
+        """(NLL in nats, UTF-8 bytes) of a text after an <|endoftext|>: the prefix NLL of its canonical
+        codes (DESIGN.md 2.2), or with beam_size > 0 the multi-view NLL (marginal_nll). bits per
+        byte = nll / (ln 2 * bytes): the same text gives comparable numbers for a plain and a
+        zip2zip model, whatever their codes."""
         c = self.config
         settings = (tokenizer.vocab_size, tokenizer.max_codebook_size, tokenizer.max_subtokens)
         if settings != (c.vocab_size, c.max_codebook_size, c.max_subtokens) or \

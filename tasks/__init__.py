@@ -1,0 +1,1 @@
+"""Offline lm-eval tasks made from the validation splits; see README.md."""

@@ -473,7 +473,8 @@ class HyperEncoder(nn.Module):
         x = kernels.gather_slots(contents, lengths, table, self.slot_pos)   # (U, M, d), pads are 0
         mean = torch.einsum("um,umd->ud", w, x - self.slot_pos.to(x.dtype))  # (U, d): of the base embeddings
         if self.kind == "mlp":
-            return mean + self.proj(self.mlp(x.view(U, -1)))
+            # (U, M * d), spelled out: view(U, -1) cannot size a batch with no contents (U = 0)
+            return mean + self.proj(self.mlp(x.view(U, M * x.size(-1))))
         # attention over a content's own slots: log w is -inf on pads and the same number on every
         # real slot of a content, and softmax ignores a constant shift (one op, where a boolean
         # mask costs three)

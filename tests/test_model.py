@@ -1,6 +1,7 @@
 """The model: exact causal (and canonical) vocabulary, train/generate consistency, no leaks,
 the hyper-encoders against an unpadded reference, the plain case, and what a batch without
 hypertokens does."""
+import functools
 import random
 
 import pytest
@@ -309,14 +310,16 @@ def test_tiny_model_overfits_and_speaks_in_hypertokens():
 # batches with no hypertoken at all (no entry, no pending id anywhere)
 
 
-def test_a_batch_without_hypertokens():
-    model = tiny()
+@pytest.mark.parametrize("kind", KINDS)
+@pytest.mark.parametrize("tie", [True, False])
+def test_a_batch_without_hypertokens(kind, tie):
+    model = tiny(hyper_encoder=kind, tie_weights=tie)
     for idx in ([[EOT]], [[EOT, EOT, EOT]], [[EOT], [EOT]]):
         logits, _ = model(torch.tensor(idx))
         assert logits.shape[-1] == V + 1 and torch.isinf(logits[..., V:]).all()
     _, loss = model(torch.tensor([[EOT, 5]]), torch.tensor([[5, EOT]]))       # 5 then a wall: no pending
     assert torch.isfinite(loss)
-    c0 = tiny(max_codebook_size=0).train()                                   # M > 1 but no room at all
+    c0 = tiny(max_codebook_size=0, hyper_encoder=kind, tie_weights=tie).train()   # M > 1 but no room at all
     row = codes_of(0, c0)
     _, loss = c0(torch.tensor([row[:-1]]), torch.tensor([row[1:]]))
     loss.backward()
@@ -324,20 +327,23 @@ def test_a_batch_without_hypertokens():
     assert len(c0.generate([[1, 2, 1, 2]], 5, top_k=1)[0]) == 9
 
 
-@pytest.fixture(scope="module")
-def gpt2_tiny():
+@functools.cache
+def gpt2_tiny(kind, tie):
     torch.manual_seed(0)
-    return z.GPT(z.GPTConfig(block_size=32, n_layer=1, n_head=2, n_embd=16)).eval()
+    return z.GPT(z.GPTConfig(block_size=32, n_layer=1, n_head=2, n_embd=16, hyper_encoder=kind,
+                             tie_weights=tie)).eval()
 
 
+@pytest.mark.parametrize("kind", KINDS)
+@pytest.mark.parametrize("tie", [True, False])
 @pytest.mark.parametrize("text,no_digit_merges", [("a", False), ("\n", False), ("12", False),
                                                   ("2024 1999 2024 1999", True), ("", False)])
-def test_score_of_texts_without_hypertokens(gpt2_tiny, text, no_digit_merges):
+def test_score_of_texts_without_hypertokens(text, no_digit_merges, kind, tie):
     tok = z.Tokenizer(4, 1024, no_digit_merges)
-    model = gpt2_tiny
+    model = gpt2_tiny(kind, tie)
     if no_digit_merges:   # the same weights under the tokenizer's disabled ids
-        model = z.GPT(z.GPTConfig(**{**gpt2_tiny.config.__dict__, "disabled_ids": tuple(sorted(tok.disabled_ids))}))
-        model.load_state_dict(gpt2_tiny.state_dict())
+        model = z.GPT(z.GPTConfig(**{**model.config.__dict__, "disabled_ids": tuple(sorted(tok.disabled_ids))}))
+        model.load_state_dict(gpt2_tiny(kind, tie).state_dict())
         model.eval()
         assert all(c < tok.vocab_size for c in tok.encode(text))         # digits never merge
     nll, n_bytes = model.score(text, tok)

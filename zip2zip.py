@@ -672,21 +672,25 @@ class GPT(nn.Module):
             check_targets(logits, targets, hyper, c.vocab_size)
         lm_loss = token_nll(logits, targets).sum() / (targets >= 0).sum()
         loss, self.last_losses = lm_loss, {"lm": lm_loss.detach()}
-        if c.hyper and c.recon_lambda > 0 and c.recon_max_entries > 0 and hyper.contents.size(0) > 0:
+        if c.hyper and c.recon_lambda > 0 and c.recon_max_entries > 0:
+            # also on a batch with no contents, where it is 0: f_psi still gets a (zero) gradient,
+            # which DDP waits for on every rank
             recon = self.reconstruction_loss(h_in, hyper.contents, hyper.lengths)
             loss = loss + c.recon_lambda * recon
-            self.last_losses["recon"] = recon.detach()
+            if hyper.contents.size(0) > 0:
+                self.last_losses["recon"] = recon.detach()
         return logits, loss
 
     def reconstruction_loss(self, h, contents, lengths):
-        """The paper's auxiliary loss: each slot's base id from the hyper-embedding, by f_psi."""
+        """The paper's auxiliary loss: each slot's base id from the hyper-embedding, by f_psi.
+        0 when there are no contents (U = 0)."""
         U, M = contents.size()
         n = min(U, self.config.recon_max_entries)
         pick = torch.randperm(U, device=h.device)[:n]                         # a random subsample
         z = torch.einsum("nd,sde->nse", h[pick], self.recon)                  # (n, M, d)
         logits = self.lm_head(self.transformer.ln_f(z))                       # (n, M, V)
         target = contents[pick].masked_fill(torch.arange(M, device=h.device) >= lengths[pick, None], -1)
-        return token_nll(logits, target).sum() / (target >= 0).sum()
+        return token_nll(logits, target).sum() / (target >= 0).sum().clamp(min=1)
 
     # -------------------------------------------------------------------------
     # Scoring and generation, through the KV-cached Decoder below

@@ -319,11 +319,16 @@ def test_a_batch_without_hypertokens(kind, tie):
         assert logits.shape[-1] == V + 1 and torch.isinf(logits[..., V:]).all()
     _, loss = model(torch.tensor([[EOT, 5]]), torch.tensor([[5, EOT]]))       # 5 then a wall: no pending
     assert torch.isfinite(loss)
+    # every parameter gets a gradient (zero where unused), as DDP requires, also with a codebook
+    _, loss = model.train()(torch.tensor([[EOT, EOT]]), torch.tensor([[EOT, 5]]))
+    loss.backward()
+    assert [n for n, p in model.named_parameters() if p.grad is None] == []
     c0 = tiny(max_codebook_size=0, hyper_encoder=kind, tie_weights=tie).train()   # M > 1 but no room at all
     row = codes_of(0, c0)
     _, loss = c0(torch.tensor([row[:-1]]), torch.tensor([row[1:]]))
     loss.backward()
     assert torch.isfinite(loss) and c0.last_losses.keys() == {"lm"} and max(row) < V
+    assert [n for n, p in c0.named_parameters() if p.grad is None] == []
     assert len(c0.generate([[1, 2, 1, 2]], 5, top_k=1)[0]) == 9
 
 

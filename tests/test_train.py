@@ -309,9 +309,11 @@ def test_lora_trains_only_what_it_should(data_dir, plain_dir, tmp_path):
     assert not any("lora" in k for k in model.state_dict())
 
 
-def test_ddp_gloo_two_processes(data_dir, tmp_path):
+# no codebook: no batch has a hypertoken, and DDP still needs a gradient for every parameter
+@pytest.mark.parametrize("more", [[], ["--max_codebook_size=0"]])
+def test_ddp_gloo_two_processes(data_dir, tmp_path, more):
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2", "train.py",
-           *tiny(data_dir, tmp_path, "--max_iters=3", "--gradient_accumulation_steps=2", "--eval_interval=3")]
+           *tiny(data_dir, tmp_path, "--max_iters=3", "--gradient_accumulation_steps=2", "--eval_interval=3", *more)]
     p = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True, timeout=120,
                        env={**os.environ, "OMP_NUM_THREADS": "1"})
     assert p.returncode == 0, p.stdout[-3000:] + p.stderr[-3000:]

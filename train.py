@@ -180,7 +180,8 @@ def resume_config(cfg, argv, cuda, world):
     cli.configure(new, argv)
     new.out_dir = cfg.out_dir       # where it was found (and locked), even if the folder was renamed
     changed = [f"{k}={getattr(new, k)!r} (the run has {getattr(saved, k)!r})"
-               for k in MODEL_KEYS + ("lora_rank", "no_digit_merges", "dataset") if getattr(new, k) != getattr(saved, k)]
+               for k in MODEL_KEYS + ("lora_rank", "lora_alpha", "no_digit_merges", "dataset")
+               if getattr(new, k) != getattr(saved, k)]
     if changed:
         raise ValueError(f"cannot change on resume: {', '.join(changed)}")
     check_config(new, world)

@@ -307,6 +307,10 @@ def test_lora_trains_only_what_it_should(data_dir, plain_dir, tmp_path):
     assert merged["hyper_in.proj.weight"].abs().sum() > 0             # the hyper-encoder trains (starts at 0)
     model, _ = cli.load_checkpoint(str(tmp_path))                     # a plain zip2zip checkpoint
     assert not any("lora" in k for k in model.state_dict())
+    for change in ("--lora_alpha=8", "--lora_rank=4"):   # the adapters would be rebuilt at another scale
+        with pytest.raises(SystemExit, match=r"^error: cannot change on resume: lora_(alpha=8.0 \(the run has 4.0\)|"
+                                             r"rank=4 \(the run has 2\))$"):
+            train.main(["--init_from=resume", f"--out_dir={tmp_path}", change, "--max_iters=4"])
 
 
 # no codebook: no batch has a hypertoken, and DDP still needs a gradient for every parameter

@@ -744,8 +744,8 @@ class GPT(nn.Module):
         B lists of codes (prompts of different lengths). Returns the same kind, prompts included.
         Everything it returns decodes; temperature 0 or top_k=1 is greedy. compile=True compiles
         the decoding step once (one CUDA graph per step on a GPU)."""
-        if not temperature >= 0:
-            raise ValueError(f"temperature must be >= 0 (0 is greedy), got {temperature}")
+        if not 0 <= temperature < float("inf"):
+            raise ValueError(f"temperature must be >= 0 and finite (0 is greedy), got {temperature}")
         if top_k is not None and top_k < 1:
             raise ValueError(f"top_k must be >= 1, or None for every code; got {top_k}")
         if max_new_tokens < 0:
@@ -794,11 +794,18 @@ def sample(logits, temperature, top_k):
     dead = torch.isneginf(logits).all(-1)
     if temperature == 0 or top_k == 1:
         return logits.argmax(-1).masked_fill(dead, -1)
-    logits, top = logits.float() / temperature, None
+    # Subtle: the best logit is shifted to 0 before the division, so a tiny temperature sends the
+    # others to -inf (never inf - inf = NaN): the draw tends to greedy. A divisor below float32's
+    # range would round to 0, so it is held at 1e-30, where the draw is already greedy.
+    logits = logits.float()
+    logits, top = (logits - logits.amax(-1, keepdim=True)) / max(temperature, 1e-30), None
     if top_k is not None:
         logits, top = torch.topk(logits, min(top_k, logits.size(-1)))     # (B, k) and their codes
     probs = F.softmax(logits, dim=-1)
-    nxt = (probs / torch.empty_like(probs).exponential_(1)).argmax(-1)
+    # only codes of positive probability race: a masked code (p = 0) drawn with q = 0 would
+    # score 0 / 0 = NaN, which argmax takes for the largest
+    race = probs / torch.empty_like(probs).exponential_(1)
+    nxt = torch.where(probs > 0, race, -1.0).argmax(-1)
     nxt = nxt if top is None else top.gather(-1, nxt[:, None])[:, 0]
     return nxt.masked_fill(dead, -1)
 

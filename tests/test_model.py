@@ -460,6 +460,30 @@ def test_generate_rejects_bad_settings():
         with pytest.raises(ValueError, match=message):
             model.generate([[1, 2]], **{"max_new_tokens": 3, **kw})
 
+def test_extreme_temperatures_are_refused_or_greedy():
+    model = tiny()
+    for t in (float("inf"), float("nan")):
+        with pytest.raises(ValueError, match=f"temperature must be >= 0 and finite \\(0 is greedy\\), got {t}"):
+            model.generate([[1, 2]], 3, temperature=t)
+    prompt = codes_of(0, model, 20)
+    greedy = model.generate([prompt], 15, temperature=0)
+    for t in (1e-6, 1e-38, 1e-45, 1e-300):   # logits / t overflows float32: the draw becomes greedy
+        for top_k in (None, 5):
+            assert model.generate([prompt], 15, temperature=t, top_k=top_k) == greedy, (t, top_k)
+
+
+def test_a_draw_never_picks_a_masked_code(monkeypatch):
+    logits = torch.tensor([[float("-inf"), 1.0, float("-inf"), 3.0], [2.0, float("-inf"), float("-inf"), 0.5]])
+    for t in (1.0, 1e-38):
+        for top_k in (None, 3):
+            for _ in range(50):
+                assert z.sample(logits, t, top_k).tolist() in ([1, 0], [1, 3], [3, 0], [3, 3])
+    # the exponential race divides by q ~ Exp(1); a q of 0 made 0 / 0 = NaN for a masked code,
+    # which argmax takes for the largest
+    monkeypatch.setattr(torch.Tensor, "exponential_", lambda self, lambd=1: self.zero_())
+    for top_k in (None, 3):
+        assert z.sample(logits, 1.0, top_k).tolist() in ([1, 0], [1, 3], [3, 0], [3, 3])
+
 # -----------------------------------------------------------------------------
 # precision and the static decoding step
 

@@ -547,8 +547,10 @@ class GPTConfig:
     recon_max_entries: int = 256    # hypertokens per batch it is computed on: it needs (N*M, V) logits
 
     def __post_init__(self):
-        positive = ("block_size", "vocab_size", "n_layer", "n_head", "n_embd", "max_subtokens", "hyper_n_layer",
-                    "hyper_n_head")
+        if self.block_size < 2:
+            raise ValueError(f"block_size={self.block_size}: must be >= 2 (a full context keeps its last "
+                             f"block_size // 2 codes, and generation needs at least one)")
+        positive = ("vocab_size", "n_layer", "n_head", "n_embd", "max_subtokens", "hyper_n_layer", "hyper_n_head")
         bad = [f"{k}={getattr(self, k)}" for k in positive if getattr(self, k) < 1]
         if bad:
             raise ValueError(f"{', '.join(bad)}: must be >= 1")

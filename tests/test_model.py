@@ -484,6 +484,14 @@ def test_a_draw_never_picks_a_masked_code(monkeypatch):
     for top_k in (None, 3):
         assert z.sample(logits, 1.0, top_k).tolist() in ([1, 0], [1, 3], [3, 0], [3, 3])
 
+def test_the_context_holds_at_least_two_codes():
+    for block_size in (1, 0):   # a full context keeps its last block_size // 2 codes: none of 1
+        with pytest.raises(ValueError, match=f"^block_size={block_size}: must be >= 2 "):
+            tiny(block_size=block_size)
+    model = tiny(block_size=2)
+    codes = codes_of(0, model, 12)
+    assert len(model.generate([codes[:1]], 5, top_k=1)[0]) == 6 and model.nll(codes) > 0
+
 # -----------------------------------------------------------------------------
 # precision and the static decoding step
 

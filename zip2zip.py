@@ -734,7 +734,7 @@ class GPT(nn.Module):
         ids = [tokenizer.eot] + tokenizer.encode_base(text)
         nll = self.marginal_nll(ids, beam_size) if beam_size > 0 else \
             self.nll(lzw_encode(ids, *settings, tokenizer.disabled_ids))
-        return nll, tokenizer.n_bytes(ids)
+        return nll, len(text.encode("utf-8"))   # a literal <|endoftext|> in the text is text: 13 bytes
 
     @property
     def device(self):

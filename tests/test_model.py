@@ -355,6 +355,14 @@ def test_score_of_texts_without_hypertokens(text, no_digit_merges, kind, tie):
     assert n_bytes == len(text.encode()) and (nll > 0) == (len(text) > 0)
     assert model.score(text, tok, beam_size=4)[0] == pytest.approx(nll, abs=1e-4)
 
+def test_score_counts_a_literal_endoftext_as_text():
+    # scored text is text: its 13 bytes count (as in efficiency.py), only the leading separator
+    # that score adds counts 0
+    model, tok = gpt2_tiny("transformer", True), z.Tokenizer(4, 1024)
+    for text in ("<|endoftext|>", "a<|endoftext|>b", "é<|endoftext|><|endoftext|>"):
+        nll, n_bytes = model.score(text, tok)
+        assert n_bytes == len(text.encode("utf-8")) and nll > 0
+
 # -----------------------------------------------------------------------------
 # the canonical-only vocabulary (DESIGN.md 2.1) and the multi-view likelihood (section 5)
 

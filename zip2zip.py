@@ -950,9 +950,11 @@ class Decoder:
             m.transformer.wte.weight.new_zeros(idx.size(0), 0, c.n_embd)
         slots = torch.arange(L, device=device)
         x = kernels.hyper_embedding(idx, m.transformer.wte.weight, table, c.vocab_size) + m.transformer.wpe(slots)
-        # causal over the row's own codes; a pad query sees code 0 (no row of the mask is empty)
+        # causal over the row's own codes; a pad query sees code 0, and so does every query of a
+        # row with no codes (a one-code prompt): no row of the mask is empty, which some CUDA
+        # kernels answer with NaN. What pads compute is never read: the step overwrites their slots.
         keys = self.state["key_slots"]
-        mask = (keys <= slots[:, None]) & (keys < lengths)                                 # (R, L, block)
+        mask = (keys <= slots[:, None]) & (keys < lengths.clamp(min=1))                    # (R, L, block)
         for i, block in enumerate(m.transformer.h):
             x = block.forward(x, mask[:, None], (self.state["k"][rows, i], self.state["v"][rows, i],
                                                  slots.expand(idx.size(0), L)))

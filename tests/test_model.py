@@ -193,6 +193,25 @@ def test_ragged_batch_logits_equal_one_row_at_a_time():
     assert greedy == [model.generate([f[:s]], 20, top_k=1)[0] for f, s in zip(full, starts)]
 
 
+def test_no_attention_mask_row_is_empty(monkeypatch):
+    # some CUDA kernels return NaN for a query that may attend to nothing, and a NaN in a cache
+    # slot can spread: a one-code prompt beside a longer one must not make such a row
+    masks, sdpa = [], F.scaled_dot_product_attention
+
+    def record(q, k, v, attn_mask=None, **kw):
+        if attn_mask is not None and attn_mask.dtype == torch.bool:
+            masks.append(attn_mask)
+        return sdpa(q, k, v, attn_mask=attn_mask, **kw)
+
+    monkeypatch.setattr(F, "scaled_dot_product_attention", record)
+    model = tiny()
+    codes = codes_of(0, model, 5)
+    dec = z.Decoder(model, [codes[:1], codes], temperature=0)
+    dec.advance(dec.next)
+    assert len(masks) == 3 * model.config.n_layer                    # the prefill and two steps
+    assert all(m.any(-1).all() for m in masks), [m.any(-1) for m in masks]
+
+
 def test_generation_past_the_context_and_long_scoring():
     model = tiny(block_size=16)
     out = model.generate(torch.tensor([[1, 2, 3]]), 60, temperature=0.8, top_k=5)

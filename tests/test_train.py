@@ -16,6 +16,7 @@ import subprocess
 import sys
 import sysconfig
 import threading
+import time
 from contextlib import nullcontext
 
 import numpy as np
@@ -336,7 +337,17 @@ def test_the_log_says_how_fast_and_how_long(data_dir, tmp_path, capsys):
     # model FLOP/s (on CUDA: TFLOP/s and MFU), how much faster the loader's workers build codes than the
     # steps use them, time since the start and to the end (here: 4 of 4 steps done)
     assert re.search(r", [\d.]+ GFLOP/s, loader [\d.]+x; 0:00:\d\d elapsed, ETA 0:00:00$", lines[-1]), lines[-1]
-    assert all("ETA " in line for line in lines)
+    assert lines[0].endswith(" elapsed") and all("ETA " in line for line in lines[1:])
+
+
+def test_the_eta_leaves_out_the_first_steps_warm_up(data_dir, tmp_path, capsys, monkeypatch):
+    # a slow first step (compilation, the first batches) made the first ETAs many times too long
+    calls, release = [], loader.release_freed_memory
+    monkeypatch.setattr(loader, "release_freed_memory", lambda: (calls.append(1), len(calls) == 1 and time.sleep(2),
+                                                                 release()))
+    train.main(tiny(data_dir, tmp_path, "--eval_interval=4"))
+    lines = [line for line in capsys.readouterr().out.splitlines() if line.startswith("iter ")]
+    assert "ETA" not in lines[0] and lines[1].endswith("ETA 0:00:00"), lines     # 2 fast steps to go
 
 
 def test_resuming_a_finished_run_says_so_and_how_to_go_on(data_dir, tmp_path, capsys):

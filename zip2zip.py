@@ -173,6 +173,7 @@ class LZW:
 
 
 def check_base_ids(ids, vocab_size, offset=0):
+    # two fast passes (min, max); the walk that finds the position runs only on a failure
     if len(ids) and not (0 <= min(ids) and max(ids) < vocab_size):
         i = next(i for i, t in enumerate(ids) if not 0 <= t < vocab_size)
         raise ValueError(f"base id {ids[i]} at position {offset + i} is outside the base vocabulary "
@@ -197,10 +198,22 @@ def as_ids(ids, what="ids"):
     return ids
 
 
+def base_ids(ids, vocab_size, offset=0):
+    """ids as a list of Python ints in 0..vocab_size-1, or the TypeError or ValueError that says
+    what is wrong. An integer array (a window of a .bin memmap, in the training loader) needs no
+    walk over its values: its dtype says they are integers, and numpy checks their range."""
+    if isinstance(ids, np.ndarray) and ids.ndim == 1 and ids.dtype.kind in "iu":
+        if ids.size and not (0 <= ids.min() and ids.max() < vocab_size):
+            check_base_ids(ids, vocab_size, offset)    # finds the position and raises
+        return ids.tolist()
+    ids = as_ids(ids)
+    check_base_ids(ids, vocab_size, offset)
+    return ids
+
+
 def lzw_encode(ids, vocab_size, max_codebook_size, max_subtokens, disabled_ids=()):
     """Compress base ids to codes. Example (V=100): [1,2,1,2,1] -> [1, 2, 100, 1]."""
-    ids = as_ids(ids)
-    check_base_ids(ids, vocab_size)
+    ids = base_ids(ids, vocab_size)
     lzw, out = LZW(vocab_size, max_codebook_size, max_subtokens, disabled_ids), []
     lzw.feed(ids, out)
     lzw.flush(out)
@@ -235,8 +248,7 @@ def lzw_encode_window(ids, start, n_codes, vocab_size, max_codebook_size, max_su
     lzw, out, pos = LZW(vocab_size, max_codebook_size, max_subtokens, disabled_ids), [], start
     while len(out) < n_codes and pos < len(ids):
         # Each code covers at least one base id, so this many more never overshoots by much.
-        chunk = as_ids(ids[pos:pos + n_codes - len(out)])
-        check_base_ids(chunk, vocab_size, pos)
+        chunk = base_ids(ids[pos:pos + n_codes - len(out)], vocab_size, pos)
         lzw.feed(chunk, out)
         pos += len(chunk)
     if pos >= len(ids):

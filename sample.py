@@ -58,7 +58,7 @@ def setup(argv):
     cli.configure(cfg, argv, presets=False, positional=False)
     cli.check(cfg, ("num_samples", cfg.num_samples >= 0, "0 or more"),
               ("max_new_tokens", cfg.max_new_tokens >= 0, "0 or more"),
-              ("temperature", cfg.temperature >= 0, "0 (greedy) or more"),
+              ("temperature", 0 <= cfg.temperature < float("inf"), "0 (greedy) or more, and finite"),
               ("top_k", cfg.top_k >= 0, "0 (all codes) or more"),
               ("color", cfg.color in (None, True, False), "True or False"),
               ("dtype", cfg.dtype in ("auto", "float32", "bfloat16", "float16"), "auto, float32, bfloat16 or float16"))

@@ -180,7 +180,8 @@ def resume_config(cfg, argv, cuda, world):
     cli.configure(new, argv)
     new.out_dir = cfg.out_dir       # where it was found (and locked), even if the folder was renamed
     changed = [f"{k}={getattr(new, k)!r} (the run has {getattr(saved, k)!r})"
-               for k in MODEL_KEYS + ("lora_rank", "no_digit_merges", "dataset") if getattr(new, k) != getattr(saved, k)]
+               for k in MODEL_KEYS + ("lora_rank", "lora_alpha", "no_digit_merges", "dataset")
+               if getattr(new, k) != getattr(saved, k)]
     if changed:
         raise ValueError(f"cannot change on resume: {', '.join(changed)}")
     check_config(new, world)
@@ -487,14 +488,21 @@ def _main(argv, held):
             history.append((iter_num, lm, recon))
             log["train"].append({"iter": iter_num, "train_seconds": train_seconds, "loss": lm, "recon": recon})
             if master:
-                wall = time.perf_counter() - t_start            # evaluations included
-                left = (cfg.max_iters - iter_num) * wall / (iter_num - start_iter)
-                if cfg.max_seconds > 0:   # the time budget counts training steps only
-                    left = min(left, (cfg.max_seconds - train_seconds) * wall / meter.total["seconds"])
+                now = time.perf_counter()
+                wall, eta = now - t_start, ""                   # evaluations included
+                if iter_num == start_iter + 1:   # the first step warms up (compilation, first batches):
+                    first_done = now, meter.total["seconds"]    # the ETA is timed from the steps after it
+                else:
+                    since = now - first_done[0]
+                    left = (cfg.max_iters - iter_num) * since / (iter_num - start_iter - 1)
+                    if cfg.max_seconds > 0:   # the time budget counts training steps only
+                        steps = max(meter.total["seconds"] - first_done[1], 1e-9)
+                        left = min(left, (cfg.max_seconds - train_seconds) * since / steps)
+                    eta = f", ETA {hms(left)}"
                 built = cfg.loader != "sync" and batches.speed()      # codes/s the workers can build
                 print(f"iter {iter_num}: loss {lm:.4f}" + (f", recon {recon:.4f}" if mconf.hyper else "") +
                       f", lr {lr:.2e}, {1000 * dt:.0f} ms, {meter.report(built, world)}; "
-                      f"{hms(wall)} elapsed, ETA {hms(left)}")
+                      f"{hms(wall)} elapsed{eta}")
             losses = {k: 0.0 for k in losses}
 
     # -------------------------------------------------------------------------- the end: summary, sample

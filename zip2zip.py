@@ -186,6 +186,7 @@ class LZW:
 
 
 def check_base_ids(ids, vocab_size, offset=0):
+    # two fast passes (min, max); the walk that finds the position runs only on a failure
     if len(ids) and not (0 <= min(ids) and max(ids) < vocab_size):
         i = next(i for i, t in enumerate(ids) if not 0 <= t < vocab_size)
         raise ValueError(f"base id {ids[i]} at position {offset + i} is outside the base vocabulary "
@@ -210,10 +211,22 @@ def as_ids(ids, what="ids"):
     return ids
 
 
+def base_ids(ids, vocab_size, offset=0):
+    """ids as a list of Python ints in 0..vocab_size-1, or the TypeError or ValueError that says
+    what is wrong. An integer array (a window of a .bin memmap, in the training loader) needs no
+    walk over its values: its dtype says they are integers, and numpy checks their range."""
+    if isinstance(ids, np.ndarray) and ids.ndim == 1 and ids.dtype.kind in "iu":
+        if ids.size and not (0 <= ids.min() and ids.max() < vocab_size):
+            check_base_ids(ids, vocab_size, offset)    # finds the position and raises
+        return ids.tolist()
+    ids = as_ids(ids)
+    check_base_ids(ids, vocab_size, offset)
+    return ids
+
+
 def lzw_encode(ids, vocab_size, max_codebook_size, max_subtokens, disabled_ids=()):
     """Compress base ids to codes. Example (V=100): [1,2,1,2,1] -> [1, 2, 100, 1]."""
-    ids = as_ids(ids)
-    check_base_ids(ids, vocab_size)
+    ids = base_ids(ids, vocab_size)
     lzw, out = LZW(vocab_size, max_codebook_size, max_subtokens, disabled_ids), []
     lzw.feed(ids, out)
     lzw.flush(out)
@@ -248,8 +261,7 @@ def lzw_encode_window(ids, start, n_codes, vocab_size, max_codebook_size, max_su
     lzw, out, pos = LZW(vocab_size, max_codebook_size, max_subtokens, disabled_ids), [], start
     while len(out) < n_codes and pos < len(ids):
         # Each code covers at least one base id, so this many more never overshoots by much.
-        chunk = as_ids(ids[pos:pos + n_codes - len(out)])
-        check_base_ids(chunk, vocab_size, pos)
+        chunk = base_ids(ids[pos:pos + n_codes - len(out)], vocab_size, pos)
         lzw.feed(chunk, out)
         pos += len(chunk)
     if pos >= len(ids):
@@ -486,7 +498,8 @@ class HyperEncoder(nn.Module):
         x = kernels.gather_slots(contents, lengths, table, self.slot_pos)   # (U, M, d), pads are 0
         mean = torch.einsum("um,umd->ud", w, x - self.slot_pos.to(x.dtype))  # (U, d): of the base embeddings
         if self.kind == "mlp":
-            return mean + self.proj(self.mlp(x.flatten(1)))   # (U, M * d)
+            # (U, M * d), spelled out: view(U, -1) cannot size a batch with no contents (U = 0)
+            return mean + self.proj(self.mlp(x.view(U, M * x.size(-1))))
         # attention over a content's own slots: log w is -inf on pads and the same number on every
         # real slot of a content, and softmax ignores a constant shift (one op, where a boolean
         # mask costs three)
@@ -561,8 +574,10 @@ class GPTConfig:
     recon_max_entries: int = 256    # hypertokens per batch it is computed on: it needs (N*M, V) logits
 
     def __post_init__(self):
-        positive = ("block_size", "vocab_size", "n_layer", "n_head", "n_embd", "max_subtokens", "hyper_n_layer",
-                    "hyper_n_head")
+        if self.block_size < 2:
+            raise ValueError(f"block_size={self.block_size}: must be >= 2 (a full context keeps its last "
+                             f"block_size // 2 codes, and generation needs at least one)")
+        positive = ("vocab_size", "n_layer", "n_head", "n_embd", "max_subtokens", "hyper_n_layer", "hyper_n_head")
         bad = [f"{k}={getattr(self, k)}" for k in positive if getattr(self, k) < 1]
         if bad:
             raise ValueError(f"{', '.join(bad)}: must be >= 1")
@@ -686,21 +701,25 @@ class GPT(nn.Module):
             check_targets(logits, targets, hyper, c.vocab_size)
         lm_loss = token_nll(logits, targets).sum() / (targets >= 0).sum()
         loss, self.last_losses = lm_loss, {"lm": lm_loss.detach()}
-        if c.hyper and c.recon_lambda > 0 and c.recon_max_entries > 0 and hyper.contents.size(0) > 0:
+        if c.hyper and c.recon_lambda > 0 and c.recon_max_entries > 0:
+            # also on a batch with no contents, where it is 0: f_psi still gets a (zero) gradient,
+            # which DDP waits for on every rank
             recon = self.reconstruction_loss(h_in, hyper.contents, hyper.lengths)
             loss = loss + c.recon_lambda * recon
-            self.last_losses["recon"] = recon.detach()
+            if hyper.contents.size(0) > 0:
+                self.last_losses["recon"] = recon.detach()
         return logits, loss
 
     def reconstruction_loss(self, h, contents, lengths):
-        """The paper's auxiliary loss: each slot's base id from the hyper-embedding, by f_psi."""
+        """The paper's auxiliary loss: each slot's base id from the hyper-embedding, by f_psi.
+        0 when there are no contents (U = 0)."""
         U, M = contents.size()
         n = min(U, self.config.recon_max_entries)
         pick = torch.randperm(U, device=h.device)[:n]                         # a random subsample
         z = torch.einsum("nd,sde->nse", h[pick], self.recon)                  # (n, M, d)
         logits = self.lm_head(self.transformer.ln_f(z))                       # (n, M, V)
         target = contents[pick].masked_fill(torch.arange(M, device=h.device) >= lengths[pick, None], -1)
-        return token_nll(logits, target).sum() / (target >= 0).sum()
+        return token_nll(logits, target).sum() / (target >= 0).sum().clamp(min=1)
 
     # -------------------------------------------------------------------------
     # Likelihoods (DESIGN.md 2.2) and generation, through the KV-cached Decoder below
@@ -825,7 +844,7 @@ class GPT(nn.Module):
         ids = [tokenizer.eot] + tokenizer.encode_base(text)
         nll = self.marginal_nll(ids, beam_size) if beam_size > 0 else \
             self.nll(lzw_encode(ids, *settings, tokenizer.disabled_ids))
-        return nll, tokenizer.n_bytes(ids)
+        return nll, len(text.encode("utf-8"))   # a literal <|endoftext|> in the text is text: 13 bytes
 
     @property
     def device(self):
@@ -837,8 +856,8 @@ class GPT(nn.Module):
         B lists of codes (prompts of different lengths). Returns the same kind, prompts included.
         Everything it returns decodes; temperature 0 or top_k=1 is greedy. compile=True compiles
         the decoding step once (one CUDA graph per step on a GPU)."""
-        if not temperature >= 0:
-            raise ValueError(f"temperature must be >= 0 (0 is greedy), got {temperature}")
+        if not 0 <= temperature < float("inf"):
+            raise ValueError(f"temperature must be >= 0 and finite (0 is greedy), got {temperature}")
         if top_k is not None and top_k < 1:
             raise ValueError(f"top_k must be >= 1, or None for every code; got {top_k}")
         if max_new_tokens < 0:
@@ -887,11 +906,18 @@ def sample(logits, temperature, top_k):
     dead = torch.isneginf(logits).all(-1)
     if temperature == 0 or top_k == 1:
         return logits.argmax(-1).masked_fill(dead, -1)
-    logits, top = logits.float() / temperature, None
+    # Subtle: the best logit is shifted to 0 before the division, so a tiny temperature sends the
+    # others to -inf (never inf - inf = NaN): the draw tends to greedy. A divisor below float32's
+    # range would round to 0, so it is held at 1e-30, where the draw is already greedy.
+    logits = logits.float()
+    logits, top = (logits - logits.amax(-1, keepdim=True)) / max(temperature, 1e-30), None
     if top_k is not None:
         logits, top = torch.topk(logits, min(top_k, logits.size(-1)))     # (B, k) and their codes
     probs = F.softmax(logits, dim=-1)
-    nxt = (probs / torch.empty_like(probs).exponential_(1)).argmax(-1)
+    # only codes of positive probability race: a masked code (p = 0) drawn with q = 0 would
+    # score 0 / 0 = NaN, which argmax takes for the largest
+    race = probs / torch.empty_like(probs).exponential_(1)
+    nxt = torch.where(probs > 0, race, -1.0).argmax(-1)
     nxt = nxt if top is None else top.gather(-1, nxt[:, None])[:, 0]
     return nxt.masked_fill(dead, -1)
 
@@ -1034,9 +1060,11 @@ class Decoder:
             m.transformer.wte.weight.new_zeros(idx.size(0), 0, c.n_embd)
         slots = torch.arange(L, device=device)
         x = kernels.hyper_embedding(idx, m.transformer.wte.weight, table, c.vocab_size) + m.transformer.wpe(slots)
-        # causal over the row's own codes; a pad query sees code 0 (no row of the mask is empty)
+        # causal over the row's own codes; a pad query sees code 0, and so does every query of a
+        # row with no codes (a one-code prompt): no row of the mask is empty, which some CUDA
+        # kernels answer with NaN. What pads compute is never read: the step overwrites their slots.
         keys = self.state["key_slots"]
-        mask = (keys <= slots[:, None]) & (keys < lengths)                                 # (R, L, block)
+        mask = (keys <= slots[:, None]) & (keys < lengths.clamp(min=1))                    # (R, L, block)
         for i, block in enumerate(m.transformer.h):
             x = block.forward(x, mask[:, None], (self.state["k"][rows, i], self.state["v"][rows, i],
                                                  slots.expand(idx.size(0), L)))

@@ -1,6 +1,7 @@
 """The model: exact causal (and canonical) vocabulary, train/generate consistency, no leaks,
 the hyper-encoders against an unpadded reference, the plain case, and what a batch without
 hypertokens does."""
+import functools
 import random
 
 import pytest
@@ -192,6 +193,25 @@ def test_ragged_batch_logits_equal_one_row_at_a_time():
     assert greedy == [model.generate([f[:s]], 20, top_k=1)[0] for f, s in zip(full, starts)]
 
 
+def test_no_attention_mask_row_is_empty(monkeypatch):
+    # some CUDA kernels return NaN for a query that may attend to nothing, and a NaN in a cache
+    # slot can spread: a one-code prompt beside a longer one must not make such a row
+    masks, sdpa = [], F.scaled_dot_product_attention
+
+    def record(q, k, v, attn_mask=None, **kw):
+        if attn_mask is not None and attn_mask.dtype == torch.bool:
+            masks.append(attn_mask)
+        return sdpa(q, k, v, attn_mask=attn_mask, **kw)
+
+    monkeypatch.setattr(F, "scaled_dot_product_attention", record)
+    model = tiny()
+    codes = codes_of(0, model, 5)
+    dec = z.Decoder(model, [codes[:1], codes], temperature=0)
+    dec.advance(dec.next)
+    assert len(masks) == 3 * model.config.n_layer                    # the prefill and two steps
+    assert all(m.any(-1).all() for m in masks), [m.any(-1) for m in masks]
+
+
 def test_generation_past_the_context_and_long_scoring():
     model = tiny(block_size=16)
     out = model.generate(torch.tensor([[1, 2, 3]]), 60, temperature=0.8, top_k=5)
@@ -316,40 +336,58 @@ def test_tiny_model_overfits_and_speaks_in_hypertokens():
 # batches with no hypertoken at all (no entry, no pending id anywhere)
 
 
-def test_a_batch_without_hypertokens():
-    model = tiny()
+@pytest.mark.parametrize("kind", KINDS)
+@pytest.mark.parametrize("tie", [True, False])
+def test_a_batch_without_hypertokens(kind, tie):
+    model = tiny(hyper_encoder=kind, tie_weights=tie)
     for idx in ([[EOT]], [[EOT, EOT, EOT]], [[EOT], [EOT]]):
         logits, _ = model(torch.tensor(idx))
         assert logits.shape[-1] == V + 1 and torch.isinf(logits[..., V:]).all()
     _, loss = model(torch.tensor([[EOT, 5]]), torch.tensor([[5, EOT]]))       # 5 then a wall: no pending
     assert torch.isfinite(loss)
-    c0 = tiny(max_codebook_size=0).train()                                   # M > 1 but no room at all
+    # every parameter gets a gradient (zero where unused), as DDP requires, also with a codebook
+    _, loss = model.train()(torch.tensor([[EOT, EOT]]), torch.tensor([[EOT, 5]]))
+    loss.backward()
+    assert [n for n, p in model.named_parameters() if p.grad is None] == []
+    c0 = tiny(max_codebook_size=0, hyper_encoder=kind, tie_weights=tie).train()   # M > 1 but no room at all
     row = codes_of(0, c0)
     _, loss = c0(torch.tensor([row[:-1]]), torch.tensor([row[1:]]))
     loss.backward()
     assert torch.isfinite(loss) and c0.last_losses.keys() == {"lm"} and max(row) < V
+    assert [n for n, p in c0.named_parameters() if p.grad is None] == []
     assert len(c0.generate([[1, 2, 1, 2]], 5, top_k=1)[0]) == 9
 
 
-@pytest.fixture(scope="module")
-def gpt2_tiny():
+@functools.cache
+def gpt2_tiny(kind, tie):
     torch.manual_seed(0)
-    return z.GPT(z.GPTConfig(block_size=32, n_layer=1, n_head=2, n_embd=16)).eval()
+    return z.GPT(z.GPTConfig(block_size=32, n_layer=1, n_head=2, n_embd=16, hyper_encoder=kind,
+                             tie_weights=tie)).eval()
 
 
+@pytest.mark.parametrize("kind", KINDS)
+@pytest.mark.parametrize("tie", [True, False])
 @pytest.mark.parametrize("text,no_digit_merges", [("a", False), ("\n", False), ("12", False),
                                                   ("2024 1999 2024 1999", True), ("", False)])
-def test_score_of_texts_without_hypertokens(gpt2_tiny, text, no_digit_merges):
+def test_score_of_texts_without_hypertokens(text, no_digit_merges, kind, tie):
     tok = z.Tokenizer(4, 1024, no_digit_merges)
-    model = gpt2_tiny
+    model = gpt2_tiny(kind, tie)
     if no_digit_merges:   # the same weights under the tokenizer's disabled ids
-        model = z.GPT(z.GPTConfig(**{**gpt2_tiny.config.__dict__, "disabled_ids": tuple(sorted(tok.disabled_ids))}))
-        model.load_state_dict(gpt2_tiny.state_dict())
+        model = z.GPT(z.GPTConfig(**{**model.config.__dict__, "disabled_ids": tuple(sorted(tok.disabled_ids))}))
+        model.load_state_dict(gpt2_tiny(kind, tie).state_dict())
         model.eval()
         assert all(c < tok.vocab_size for c in tok.encode(text))         # digits never merge
     nll, n_bytes = model.score(text, tok)
     assert n_bytes == len(text.encode()) and (nll > 0) == (len(text) > 0)
     assert model.score(text, tok, beam_size=4)[0] == pytest.approx(nll, abs=1e-4)
+
+def test_score_counts_a_literal_endoftext_as_text():
+    # scored text is text: its 13 bytes count (as in efficiency.py), only the leading separator
+    # that score adds counts 0
+    model, tok = gpt2_tiny("transformer", True), z.Tokenizer(4, 1024)
+    for text in ("<|endoftext|>", "a<|endoftext|>b", "é<|endoftext|><|endoftext|>"):
+        nll, n_bytes = model.score(text, tok)
+        assert n_bytes == len(text.encode("utf-8")) and nll > 0
 
 # -----------------------------------------------------------------------------
 # the canonical-only vocabulary (DESIGN.md 2.1) and the multi-view likelihood (section 5)
@@ -455,6 +493,38 @@ def test_generate_rejects_bad_settings():
                         ({"top_k": -3}, "top_k must be >= 1"), ({"max_new_tokens": -1}, "max_new_tokens")):
         with pytest.raises(ValueError, match=message):
             model.generate([[1, 2]], **{"max_new_tokens": 3, **kw})
+
+def test_extreme_temperatures_are_refused_or_greedy():
+    model = tiny()
+    for t in (float("inf"), float("nan")):
+        with pytest.raises(ValueError, match=f"temperature must be >= 0 and finite \\(0 is greedy\\), got {t}"):
+            model.generate([[1, 2]], 3, temperature=t)
+    prompt = codes_of(0, model, 20)
+    greedy = model.generate([prompt], 15, temperature=0)
+    for t in (1e-6, 1e-38, 1e-45, 1e-300):   # logits / t overflows float32: the draw becomes greedy
+        for top_k in (None, 5):
+            assert model.generate([prompt], 15, temperature=t, top_k=top_k) == greedy, (t, top_k)
+
+
+def test_a_draw_never_picks_a_masked_code(monkeypatch):
+    logits = torch.tensor([[float("-inf"), 1.0, float("-inf"), 3.0], [2.0, float("-inf"), float("-inf"), 0.5]])
+    for t in (1.0, 1e-38):
+        for top_k in (None, 3):
+            for _ in range(50):
+                assert z.sample(logits, t, top_k).tolist() in ([1, 0], [1, 3], [3, 0], [3, 3])
+    # the exponential race divides by q ~ Exp(1); a q of 0 made 0 / 0 = NaN for a masked code,
+    # which argmax takes for the largest
+    monkeypatch.setattr(torch.Tensor, "exponential_", lambda self, lambd=1: self.zero_())
+    for top_k in (None, 3):
+        assert z.sample(logits, 1.0, top_k).tolist() in ([1, 0], [1, 3], [3, 0], [3, 3])
+
+def test_the_context_holds_at_least_two_codes():
+    for block_size in (1, 0):   # a full context keeps its last block_size // 2 codes: none of 1
+        with pytest.raises(ValueError, match=f"^block_size={block_size}: must be >= 2 "):
+            tiny(block_size=block_size)
+    model = tiny(block_size=2)
+    codes = codes_of(0, model, 12)
+    assert len(model.generate([codes[:1]], 5, top_k=1)[0]) == 6 and model.nll(codes) > 0
 
 # -----------------------------------------------------------------------------
 # precision and the static decoding step

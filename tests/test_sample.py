@@ -129,6 +129,7 @@ def test_digit_disabled_checkpoint(capsys, tmp_path):
     (["positional"], "unexpected argument"),
     (["--top_k=-1"], "--top_k=-1: expected 0 (all codes) or more"),
     (["--temperature=-0.5"], "--temperature=-0.5: expected 0 (greedy) or more"),
+    (["--temperature=1e999"], "--temperature=inf: expected 0 (greedy) or more, and finite"),
     (["--num_samples=-1"], "--num_samples=-1: expected 0 or more"),
     (["--max_new_tokens=-1"], "--max_new_tokens=-1: expected 0 or more"),
     (["--device=gpu"], "--device=gpu: unknown device"),

@@ -16,6 +16,7 @@ import subprocess
 import sys
 import sysconfig
 import threading
+import time
 from contextlib import nullcontext
 
 import numpy as np
@@ -307,11 +308,17 @@ def test_lora_trains_only_what_it_should(data_dir, plain_dir, tmp_path):
     assert merged["hyper_in.proj.weight"].abs().sum() > 0             # the hyper-encoder trains (starts at 0)
     model, _ = cli.load_checkpoint(str(tmp_path))                     # a plain zip2zip checkpoint
     assert not any("lora" in k for k in model.state_dict())
+    for change in ("--lora_alpha=8", "--lora_rank=4"):   # the adapters would be rebuilt at another scale
+        with pytest.raises(SystemExit, match=r"^error: cannot change on resume: lora_(alpha=8.0 \(the run has 4.0\)|"
+                                             r"rank=4 \(the run has 2\))$"):
+            train.main(["--init_from=resume", f"--out_dir={tmp_path}", change, "--max_iters=4"])
 
 
-def test_ddp_gloo_two_processes(data_dir, tmp_path):
+# no codebook: no batch has a hypertoken, and DDP still needs a gradient for every parameter
+@pytest.mark.parametrize("more", [[], ["--max_codebook_size=0"]])
+def test_ddp_gloo_two_processes(data_dir, tmp_path, more):
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2", "train.py",
-           *tiny(data_dir, tmp_path, "--max_iters=3", "--gradient_accumulation_steps=2", "--eval_interval=3")]
+           *tiny(data_dir, tmp_path, "--max_iters=3", "--gradient_accumulation_steps=2", "--eval_interval=3", *more)]
     p = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True, timeout=120,
                        env={**os.environ, "OMP_NUM_THREADS": "1"})
     assert p.returncode == 0, p.stdout[-3000:] + p.stderr[-3000:]
@@ -330,7 +337,17 @@ def test_the_log_says_how_fast_and_how_long(data_dir, tmp_path, capsys):
     # model FLOP/s (on CUDA: TFLOP/s and MFU), how much faster the loader's workers build codes than the
     # steps use them, time since the start and to the end (here: 4 of 4 steps done)
     assert re.search(r", [\d.]+ GFLOP/s, loader [\d.]+x; 0:00:\d\d elapsed, ETA 0:00:00$", lines[-1]), lines[-1]
-    assert all("ETA " in line for line in lines)
+    assert lines[0].endswith(" elapsed") and all("ETA " in line for line in lines[1:])
+
+
+def test_the_eta_leaves_out_the_first_steps_warm_up(data_dir, tmp_path, capsys, monkeypatch):
+    # a slow first step (compilation, the first batches) made the first ETAs many times too long
+    calls, release = [], loader.release_freed_memory
+    monkeypatch.setattr(loader, "release_freed_memory", lambda: (calls.append(1), len(calls) == 1 and time.sleep(2),
+                                                                 release()))
+    train.main(tiny(data_dir, tmp_path, "--eval_interval=4"))
+    lines = [line for line in capsys.readouterr().out.splitlines() if line.startswith("iter ")]
+    assert "ETA" not in lines[0] and lines[1].endswith("ETA 0:00:00"), lines     # 2 fast steps to go
 
 
 def test_resuming_a_finished_run_says_so_and_how_to_go_on(data_dir, tmp_path, capsys):

@@ -1,0 +1,197 @@
+"""
+zip2zip in lm-evaluation-harness: the paper's task protocol for a train.py checkpoint.
+
+    pip install lm-eval
+    python harness.py --out_dir=out-cpu                       # the three offline tasks of tasks/
+    python harness.py --out_dir=out-cpu --tasks=zip2zip_prose_cloze --beam_size=16 --limit=50
+    python harness.py --out_dir=out-cpu --tasks=hellaswag     # any lm-eval task whose data it can download
+
+Importing this file registers the lm-eval model name `zip2zip` (`lm_eval --model zip2zip
+--model_args out_dir=out-cpu,beam_size=0 --include_path tasks ...` works too). lm-eval is an
+optional extra: the method (zip2zip.py) never imports it.
+
+What the three kinds of request mean for a model whose vocabulary grows as it reads (DESIGN.md 2.2):
+- loglikelihood (context, continuation): log P(continuation | context) = log P_prefix(context +
+  continuation) - log P_prefix(context), GPT.loglikelihoods. As lm-eval's Hugging Face model does:
+  trailing whitespace of the context moves to the continuation, the pair is tokenized together
+  and split where the context's own tokens end; the context gets an <|endoftext|> in front, the
+  start every training window has. Requests that share a context are scored together.
+- loglikelihood_rolling (document): the prefix log-likelihood of the whole document after an
+  <|endoftext|>, of any length (past the context the KV-cached decoder crops, as generation does).
+- generate_until (context, {until, max_gen_toks, temperature}): the first code is drawn among the
+  codes that spell the context's end (the exact conditional of DESIGN.md 2.3, the same rule as
+  is_greedy), then the static decoding step writes on until a stop string or max_gen_toks base
+  tokens; greedy unless a temperature > 0 is given.
+"""
+
+import os
+import sys
+import time
+from dataclasses import dataclass
+
+import torch
+
+import cli
+from zip2zip import Decoder, lzw_encode
+
+try:
+    from lm_eval.api.model import LM
+    from lm_eval.api.registry import register_model
+except ImportError:            # harness.py --help still works; main() says what to install
+    LM, register_model = object, lambda name: (lambda cls: cls)
+
+TASKS = os.path.join(os.path.dirname(os.path.abspath(__file__)), "tasks")
+
+
+@dataclass
+class HarnessConfig:
+    out_dir: str = "out"          # train.py's out_dir (a folder holding ckpt.pt), or a checkpoint file
+    tasks: str = "zip2zip_code_mc,zip2zip_prose_cloze,zip2zip_pycode_bpb"   # lm-eval task names, comma-separated
+    beam_size: int = 0            # 0: canonical scoring (exact for canonical models); N: the multi-view sum
+    batch_size: int = 16          # rows per forward pass (continuations of one context) or per decoding step
+    limit: int = 0                # at most this many documents per task; 0: all
+    num_fewshot: int = 0          # examples in front of each context
+    device: str = "auto"          # "cpu", "cuda", "cuda:1", ...; auto: cuda when there is one
+    dtype: str = "float32"        # float32, bfloat16 or float16 (autocast); likelihoods want float32
+    seed: int = 1337              # lm-eval's seeds (few-shot sampling) and torch's
+    output: str = ""              # also write lm-eval's results as JSON to this file
+
+
+@register_model("zip2zip")
+class Zip2Zip(LM):
+    """An lm-eval model for a zip2zip checkpoint (train.py's out_dir, or a ckpt.pt file)."""
+
+    def __init__(self, out_dir="out", device="auto", batch_size=16, beam_size=0, dtype="float32", **unused):
+        super().__init__()
+        if isinstance(batch_size, str) and batch_size.startswith("auto"):
+            batch_size = 16                      # lm-eval's "auto": rows per pass are bounded anyway
+        self.batch_size, self.beam_size = int(batch_size), int(beam_size)
+        cli.check(self, ("batch_size", self.batch_size >= 1, "1 or more"), ("beam_size", self.beam_size >= 0, "0 or more"))
+        self.device_name = cli.device(device or "auto")
+        self.model = cli.load_checkpoint(out_dir, self.device_name)[0].eval()
+        self.tok = cli.tokenizer_for(self.model.config)
+        self.ctx = cli.autocast(dtype, self.device_name)[1]
+
+    def split(self, context, continuation):
+        """(context ids, continuation ids) of a request, as lm-eval's Hugging Face model splits it."""
+        spaces = len(context) - len(context.rstrip())
+        if spaces:                                # "Q: a " + "b" -> "Q: a" + " b"
+            context, continuation = context[:-spaces], context[-spaces:] + continuation
+        whole = self.tok.encode_base(context + continuation)
+        n = min(len(self.tok.encode_base(context)), len(whole) - 1)   # a continuation keeps one token at least
+        return [self.tok.eot] + whole[:n], whole[n:]
+
+    def loglikelihood(self, requests, disable_tqdm=False):
+        pairs = [self.split(*r.args) for r in requests]
+        by_context = {}                           # choices that share a context are read together
+        for i, (ctx, _) in enumerate(pairs):
+            by_context.setdefault(tuple(ctx), []).append(i)
+        out = [None] * len(pairs)
+        for ctx, idx in by_context.items():
+            for j in range(0, len(idx), self.batch_size):
+                chunk = idx[j:j + self.batch_size]
+                with self.ctx:
+                    scored = self.model.loglikelihoods(list(ctx), [pairs[i][1] for i in chunk], self.beam_size)
+                for i, result in zip(chunk, scored):
+                    out[i] = result
+        return out
+
+    def loglikelihood_rolling(self, requests, disable_tqdm=False):
+        c, out = self.model.config, []
+        for r in requests:
+            ids = [self.tok.eot] + self.tok.encode_base(r.args[0])
+            with self.ctx:
+                nll = self.model.marginal_nll(ids, self.beam_size) if self.beam_size else \
+                    self.model.nll(lzw_encode(ids, c.vocab_size, c.max_codebook_size, c.max_subtokens, c.disabled_ids))
+            out.append(-nll)
+        return out
+
+    def generate_until(self, requests, disable_tqdm=False):
+        out = []
+        for j in range(0, len(requests), self.batch_size):
+            out += self.generate_batch([r.args for r in requests[j:j + self.batch_size]])
+        return out
+
+    @torch.no_grad()
+    def generate_batch(self, args):
+        """Continue each (context, gen_kwargs) through the static decoding step, one code per row a
+        step; a row stops at a stop string, <|endoftext|>, or max_gen_toks base tokens. The rows of
+        a batch share the first row's temperature (lm-eval batches requests of equal gen_kwargs)."""
+        m, c, tok = self.model, self.model.config, self.tok
+        settings = (c.vocab_size, c.max_codebook_size, c.max_subtokens, c.disabled_ids)
+        heads = [lzw_encode([tok.eot] + tok.encode_base(ctx), *settings) for ctx, _ in args]
+        until = [[kw["until"]] if isinstance(kw.get("until"), str) else list(kw.get("until") or []) for _, kw in args]
+        until = [[s for s in stops if s] + ["<|endoftext|>"] for stops in until]
+        budget = [int(kw.get("max_gen_toks", 256)) for _, kw in args]
+        kw = args[0][1]
+        temperature = float(kw.get("temperature") or 0) if kw.get("do_sample", True) else 0.0
+        with self.ctx:
+            # read every context but its last code; the first code is drawn among the codes that
+            # spell the context's end and may run past it (the text so far is the context, whatever
+            # its last code would have been), then generation goes on as usual
+            dec = Decoder(m, [h[:-1] or h for h in heads], temperature)
+            codes, skip = [], []        # skip: base tokens of the first code that are still context
+            for b, h in enumerate(heads):
+                if len(h) == 1:           # an empty context: the start alone, read already
+                    codes.append(dec.next[b])
+                    skip.append(0)
+                    continue
+                allowed = m.last_code_choices(h)
+                logits = dec.logits[b, allowed].float()
+                pick = logits.argmax() if temperature == 0 else \
+                    torch.multinomial(torch.softmax(logits / temperature, -1), 1)[0]
+                codes.append(allowed[pick.item()])
+                skip.append(len(dec.lzw[b].resolve(h[-1])))
+            base, done = [[] for _ in args], [n <= 0 for n in budget]
+            while not all(done):
+                for b, code in enumerate(codes):
+                    if done[b] or code < 0:       # -1: no valid code (DESIGN.md 2.1): the row ends
+                        done[b] = True
+                        continue
+                    base[b] += dec.lzw[b].resolve(code)
+                    text = tok.decode_base(base[b][skip[b]:])
+                    done[b] = any(s in text for s in until[b]) or len(base[b]) - skip[b] >= budget[b]
+                if not all(done):
+                    dec.advance([max(code, 0) for code in codes])
+                    codes = dec.next
+        out = []
+        for b in range(len(args)):
+            text = tok.decode_base(base[b][skip[b]:][:budget[b]])
+            out.append(text[:min([text.index(s) for s in until[b] if s in text], default=len(text))])
+        return out
+
+
+def main(argv=None):
+    cfg = HarnessConfig()
+    with cli.one_line_errors():
+        cli.configure(cfg, sys.argv[1:] if argv is None else argv, presets=False, positional=False)
+        cli.check(cfg, ("limit", cfg.limit >= 0, "0 (all) or more"), ("num_fewshot", cfg.num_fewshot >= 0, "0 or more"),
+                  ("dtype", cfg.dtype in ("auto", "float32", "bfloat16", "float16"), "auto, float32, bfloat16 or float16"))
+        if LM is object:
+            raise ValueError("lm-evaluation-harness is not installed: pip install lm-eval")
+        import lm_eval
+        from lm_eval.tasks import TaskManager
+        tasks = [t for t in cfg.tasks.split(",") if t]
+        manager = TaskManager(include_path=TASKS)
+        missing = [t for t in tasks if t not in manager.all_tasks]
+        if not tasks or missing:
+            raise ValueError(f"--tasks={cfg.tasks}: unknown task {missing[0] if missing else '(none given)'!r}; "
+                             f"the offline ones are zip2zip_code_mc, zip2zip_prose_cloze, zip2zip_pycode_bpb")
+        model = Zip2Zip(cfg.out_dir, cfg.device, cfg.batch_size, cfg.beam_size, cfg.dtype)
+    torch.manual_seed(cfg.seed)
+    t0 = time.perf_counter()
+    results = lm_eval.simple_evaluate(model=model, tasks=tasks, task_manager=manager, limit=cfg.limit or None,
+                                      num_fewshot=cfg.num_fewshot, random_seed=cfg.seed, numpy_random_seed=cfg.seed,
+                                      torch_random_seed=cfg.seed, fewshot_random_seed=cfg.seed, log_samples=False)
+    seconds = time.perf_counter() - t0
+    c = model.model.config
+    print(f"{cfg.out_dir}: M={c.max_subtokens}, canonical={c.canonical}, beam_size={cfg.beam_size}; {seconds:.1f} s")
+    print(lm_eval.utils.make_table(results))
+    if cfg.output:
+        import json
+        with open(cfg.output, "w") as f:
+            json.dump({"results": results["results"], "seconds": seconds, "config": vars(cfg)}, f, indent=1, default=str)
+
+
+if __name__ == "__main__":
+    main()

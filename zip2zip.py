@@ -303,8 +303,10 @@ class Tokenizer:
         return self.bpe.encode(text, allowed_special={"<|endoftext|>"})
 
     def encode(self, text):
-        return lzw_encode(self.encode_base(text), self.vocab_size, self.max_codebook_size,
-                          self.max_subtokens, self.disabled_ids)
+        lzw, codes = self.codec(), []
+        lzw.feed(self.encode_base(text), codes)   # tiktoken's ids need none of lzw_encode's checks
+        lzw.flush(codes)
+        return codes
 
     def decode_base(self, ids):
         return self.bpe.decode(ids)

@@ -169,3 +169,14 @@ def test_bits_per_byte_agree_with_train_py(tmp_path):
 def test_clear_errors(args, message, capsys):
     with pytest.raises(SystemExit, match=message):
         harness.main(args)
+
+
+def test_the_command_runs_a_shipped_task(tmp_path, capsys):
+    ckpt = save(tmp_path / "ckpt.pt")
+    harness.main([f"--out_dir={ckpt}", "--tasks=zip2zip_prose_cloze,zip2zip_pycode_bpb", "--limit=2",
+                  f"--output={tmp_path / 'out.json'}"])
+    out = capsys.readouterr().out
+    assert "zip2zip_prose_cloze" in out and "bits_per_byte" in out and "seconds: zip2zip_prose_cloze" in out
+    saved = json.loads((tmp_path / "out.json").read_text())
+    assert set(saved["seconds"]) == {"zip2zip_prose_cloze", "zip2zip_pycode_bpb"}
+    assert 0 < saved["results"]["zip2zip_pycode_bpb"]["bits_per_byte,none"] < 30

@@ -32,7 +32,9 @@ from dataclasses import dataclass
 import torch
 
 import cli
-from zip2zip import Decoder, lzw_encode
+import multiview
+from fastgen import StaticStepper
+from zip2zip import lzw_encode
 
 try:
     from lm_eval.api.model import LM
@@ -91,7 +93,7 @@ class Zip2Zip(LM):
             for j in range(0, len(idx), self.batch_size):
                 chunk = idx[j:j + self.batch_size]
                 with self.ctx:
-                    scored = self.model.loglikelihoods(list(ctx), [pairs[i][1] for i in chunk], self.beam_size)
+                    scored = multiview.loglikelihoods(self.model, list(ctx), [pairs[i][1] for i in chunk], self.beam_size)
                 for i, result in zip(chunk, scored):
                     out[i] = result
         return out
@@ -101,7 +103,7 @@ class Zip2Zip(LM):
         for r in requests:
             ids = [self.tok.eot] + self.tok.encode_base(r.args[0])
             with self.ctx:
-                nll = self.model.marginal_nll(ids, self.beam_size) if self.beam_size else \
+                nll = multiview.marginal_nll(self.model, ids, self.beam_size) if self.beam_size else \
                     self.model.nll(lzw_encode(ids, c.vocab_size, c.max_codebook_size, c.max_subtokens, c.disabled_ids))
             out.append(-nll)
         return out
@@ -129,7 +131,7 @@ class Zip2Zip(LM):
             # read every context but its last code; the first code is drawn among the codes that
             # spell the context's end and may run past it (the text so far is the context, whatever
             # its last code would have been), then generation goes on as usual
-            dec = Decoder(m, [h[:-1] or h for h in heads], temperature)
+            dec = StaticStepper(m, [h[:-1] or h for h in heads], temperature)
             codes, skip = [], []        # skip: base tokens of the first code that are still context
             for b, h in enumerate(heads):
                 if len(h) == 1:           # an empty context: the start alone, read already

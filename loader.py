@@ -65,7 +65,7 @@ def build_batch(data, starts, block_size, model_config, byte_lengths):
         ys.append(codes[1:] + [-1] * fill)
         # a fresh codebook is empty, so the first code is the base id data[s]; targets cover the rest
         n_bytes += int(byte_lengths[data[s + 1:s + n_base]].sum())
-    hyper = hyper_batch(xs, c.vocab_size, c.max_codebook_size, c.max_subtokens, c.disabled_ids) if c.hyper else None
+    hyper = hyper_batch(xs, c.vocab_size, c.max_codebook_size, c.max_subtokens, c.disabled_ids) if c.has_hypertokens else None
     return torch.tensor(xs, dtype=torch.long), torch.tensor(ys, dtype=torch.long), hyper, n_bytes
 
 

@@ -35,6 +35,7 @@ import torch
 
 import bench
 import cli
+import fastgen
 from efficiency import compression_stats
 from data.common import gpt2_bpe
 from zip2zip import Tokenizer
@@ -235,7 +236,7 @@ def noncanonical_share(cfg, model, n=32):
     c = model.config
     args = (c.vocab_size, c.max_codebook_size, c.max_subtokens, c.disabled_ids)
     torch.manual_seed(cfg.seed)
-    rows = model.generate([[50256]] * (4 if cfg.quick else n), 8 if cfg.quick else 128, temperature=1.0)
+    rows = fastgen.generate(model, [[50256]] * (4 if cfg.quick else n), 8 if cfg.quick else 128, temperature=1.0)
     return sum(lzw_encode(lzw_decode(r, *args), *args) != r for r in rows) / len(rows)
 
 

@@ -42,7 +42,10 @@ import torch.nn as nn
 
 import adapt
 import cli
+import fastgen
+import kernels
 import loader
+import multiview
 import outdir
 import zip2zip
 from loader import EOT, build_batch, check_tokens, eval_windows
@@ -66,7 +69,7 @@ class TrainConfig:
     log_interval: int = 10              # steps between log lines (each one syncs the device)
     eval_only: bool = False             # evaluate the model as loaded, then stop (writes nothing)
     eval_beam: int = 0                  # > 0: also the multi-view bits per byte, summed over segmentations by a
-                                        # beam this wide (GPT.marginal_nll; seconds per window on a CPU); 0: off
+                                        # beam this wide (multiview.marginal_nll; seconds per window on a CPU); 0: off
     sample_tokens: int = 256            # codes generated at the end, to see what was learned (0: none)
     # data
     dataset: str = "pycode"             # data/<name>/ (prepared if missing), or a path to a folder with train.bin, val.bin
@@ -240,7 +243,7 @@ def configure_optimizer(model, cfg, device_type):
 def estimate_loss(model, windows, batch_size, ctx, rank=0, world=1, static=False, beam=0):
     """Loss per code, bits per byte and codes per base token on the fixed validation windows; with
     beam > 0 also the multi-view bits per byte (bpb_multiview: the windows' base tokens scored over
-    every segmentation the beam finds, GPT.marginal_nll).
+    every segmentation the beam finds, multiview.marginal_nll).
 
     Rows are scored in batches: x padded with EOT (a valid code), targets with -1 (ignored).
     static: every batch is padded to (batch_size, block_size), pad rows all EOT with no targets, so
@@ -260,7 +263,7 @@ def estimate_loss(model, windows, batch_size, ctx, rank=0, world=1, static=False
         rows += [[EOT]] * (batch_size - len(rows)) if static else []
         x = [codes[:-1] + [EOT] * (T + 1 - len(codes)) for codes in rows]
         y = torch.tensor([codes[1:] + [-1] * (T + 1 - len(codes)) for codes in rows], device=device)
-        hyper = model.hyper_batch(x).to(device) if c.hyper else None
+        hyper = model.hyper_batch(x).to(device) if c.has_hypertokens else None
         with ctx:
             logits, _ = model(torch.tensor(x, device=device), hyper=hyper)     # (B, T, V [+ K + 1])
         # the last code of each window is scored as the text going on past it (DESIGN.md 2.2): the
@@ -274,14 +277,14 @@ def estimate_loss(model, windows, batch_size, ctx, rank=0, world=1, static=False
         total += torch.tensor([nll.item(), n_codes, base, n_bytes, 0], dtype=torch.float64, device=device)
     for codes, _, _ in mine if beam else []:
         with ctx:
-            total[4] += model.marginal_nll(zip2zip.lzw_decode(codes, c.vocab_size, c.max_codebook_size,
+            total[4] += multiview.marginal_nll(model, zip2zip.lzw_decode(codes, c.vocab_size, c.max_codebook_size,
                                                               c.max_subtokens, c.disabled_ids), beam)
     if world > 1:
         torch.distributed.all_reduce(total)
     model.train()
-    nll, codes, base, n_bytes, multiview = total.tolist()
+    nll, codes, base, n_bytes, nll_views = total.tolist()
     return {"loss": nll / codes, "bpb": nll / (math.log(2) * n_bytes), "ratio": codes / base,
-            "bytes_per_code": n_bytes / codes, **({"bpb_multiview": multiview / (math.log(2) * n_bytes)} if beam else {})}
+            "bytes_per_code": n_bytes / codes, **({"bpb_multiview": nll_views / (math.log(2) * n_bytes)} if beam else {})}
 
 
 def get_lr(cfg, it, seconds):
@@ -374,9 +377,11 @@ def _main(argv, held):
         model = make_model(cfg, mconf, resumed)
     except (ValueError, FileNotFoundError) as e:
         raise SystemExit(f"error: {e}")
-    if mconf.hyper and (mconf.recon_lambda == 0 or mconf.recon_max_entries == 0):
+    if mconf.has_hypertokens and (mconf.recon_lambda == 0 or mconf.recon_max_entries == 0):
         model.recon.requires_grad_(False)   # unused: DDP would wait for its gradient
     raw_model, mconf = model.to(device), model.config
+    if device_type == "cuda":
+        kernels.use_kernels(raw_model)      # the fused embedding lookups
     iter_num, train_seconds, best_val_loss = (ckpt[k] for k in ("iter_num", "train_seconds", "best_val_loss")) \
         if ckpt else (0, 0.0, float("inf"))
     log = {"config": asdict(cfg), **(outdir.read_log(cfg.out_dir, iter_num) if ckpt else {"evals": [], "train": []})}
@@ -444,8 +449,8 @@ def _main(argv, held):
             metrics = estimate_loss(raw_model, windows, cfg.batch_size, ctx, rank, world, cfg.compile, cfg.eval_beam)
             best_val_loss = min(best_val_loss, metrics["loss"])
             if master:
-                multiview = f" (multi-view, beam {cfg.eval_beam}: {metrics['bpb_multiview']:.4f})" if cfg.eval_beam else ""
-                print(f"step {iter_num}: val loss {metrics['loss']:.4f}, {metrics['bpb']:.4f} bits per byte{multiview}, "
+                views = f" (multi-view, beam {cfg.eval_beam}: {metrics['bpb_multiview']:.4f})" if cfg.eval_beam else ""
+                print(f"step {iter_num}: val loss {metrics['loss']:.4f}, {metrics['bpb']:.4f} bits per byte{views}, "
                       f"{metrics['ratio']:.3f} codes per base token ({metrics['bytes_per_code']:.2f} bytes per code)")
             if writes:
                 log["evals"] = [e for e in log["evals"] if e["iter"] < iter_num] + \
@@ -461,13 +466,13 @@ def _main(argv, held):
             # dropout and the reconstruction subsample are a function of the step, like the data
             torch.manual_seed(int(step_rng(cfg.seed, rank, iter_num, micro, 1).integers(2**62)))
             with ctx:
-                _, loss = model(x, y, hyper=hyper)
+                _, loss, parts = model(x, y, hyper=hyper, with_parts=True)
                 loss = loss / accum
             batch = next_batch()            # built in the background meanwhile
             scaler.scale(loss).backward()
             meter.add(codes=n_codes * world, bytes=n_bytes * world, flops=flops)
             for k in losses:
-                losses[k] += raw_model.last_losses.get(k, torch.zeros(())) / accum
+                losses[k] += parts.get(k, torch.zeros(())) / accum
         if cfg.grad_clip > 0:
             scaler.unscale_(optimizer)
             torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip)
@@ -500,7 +505,7 @@ def _main(argv, held):
                         left = min(left, (cfg.max_seconds - train_seconds) * since / steps)
                     eta = f", ETA {hms(left)}"
                 built = cfg.loader != "sync" and batches.speed()      # codes/s the workers can build
-                print(f"iter {iter_num}: loss {lm:.4f}" + (f", recon {recon:.4f}" if mconf.hyper else "") +
+                print(f"iter {iter_num}: loss {lm:.4f}" + (f", recon {recon:.4f}" if mconf.has_hypertokens else "") +
                       f", lr {lr:.2e}, {1000 * dt:.0f} ms, {meter.report(built, world)}; "
                       f"{hms(wall)} elapsed{eta}")
             losses = {k: 0.0 for k in losses}
@@ -529,7 +534,7 @@ def _main(argv, held):
         torch.manual_seed(cfg.seed)
         raw_model.eval()
         with ctx:
-            codes = raw_model.generate([[EOT]], cfg.sample_tokens, temperature=0.8, top_k=200, compile=cfg.compile)[0]
+            codes = fastgen.generate(raw_model, [[EOT]], cfg.sample_tokens, temperature=0.8, top_k=200, compile=cfg.compile)[0]
         print(f"sample ({cfg.sample_tokens} codes):")
         print(cli.show(tokenizer, codes[1:], color=sys.stdout.isatty()))
     if ddp:

@@ -115,7 +115,7 @@ def test_autocast_resolves_the_dtype_once_for_every_script():
 
 @pytest.fixture
 def no_ranks(tmp_path, monkeypatch):
-    monkeypatch.setattr(data.common, "RANKS", str(tmp_path / "missing" / "r50k_base.tiktoken"))
+    monkeypatch.setattr(zip2zip, "RANKS", str(tmp_path / "missing" / "r50k_base.tiktoken"))
 
 
 def tiny_checkpoint(path):

@@ -37,8 +37,8 @@ import numpy as np
 import torch
 
 import kernels
-import cli
 from fastgen import StaticStepper
+from lib import cli
 from zip2zip import GPT, GPTConfig, Tokenizer, lzw_decode, lzw_encode
 
 ROOT = os.path.dirname(os.path.abspath(__file__))
@@ -312,7 +312,7 @@ def bench_decode(cfg, device, tok):
 
 def bench_train(cfg, device, tok):
     """Text bytes per second of one training step, and of building its batch, zip2zip vs plain."""
-    from loader import build_batch, to_device   # train.py's batches, moved as train.py moves them
+    from lib.loader import build_batch, to_device   # train.py's batches, moved as train.py moves them
     data = load_tokens("pycode", "train")
     models = make_models(cfg, device, unmasked=True)
     B, T = cfg.train_batch_size, cfg.block_size

@@ -31,9 +31,9 @@ from dataclasses import dataclass
 
 import torch
 
-import cli
 import multiview
 from fastgen import StaticStepper
+from lib import cli
 from zip2zip import lzw_encode
 
 try:

@@ -34,11 +34,10 @@ import numpy as np
 import torch
 
 import bench
-import cli
 import fastgen
 from efficiency import compression_stats
-from data.common import gpt2_bpe
-from zip2zip import Tokenizer
+from lib import cli
+from zip2zip import Tokenizer, gpt2_bpe
 
 ROOT = os.path.dirname(os.path.abspath(__file__))
 

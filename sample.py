@@ -18,8 +18,8 @@ from dataclasses import dataclass
 
 import torch
 
-import cli
 import fastgen
+from lib import cli
 from zip2zip import lzw_decode, lzw_encode
 
 

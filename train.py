@@ -14,17 +14,17 @@ it says so and applies config/cpu.py first. Settings apply in order: TrainConfig
 config/cpu.py when there is no CUDA, then the command line (preset files `config/x.py` of
 `key = literal` lines, and --key=value), left to right; all are checked before any work.
 
-A run writes out_dir/ckpt.pt and out_dir/log.json (curves, for plots: outdir.py has its format)
+A run writes out_dir/ckpt.pt and out_dir/log.json (curves, for plots: lib/outdir.py has its format)
 and holds out_dir/train.lock, so a second training into the same folder is refused. Ctrl-C stops
 after the current step, saves, and prints the command that resumes.
 
 What differs from nanoGPT's train.py:
 - a training example is a random window of base tokens compressed with a fresh LZW codebook
   until block_size + 1 codes came out (DESIGN.md 4); the codec is pure Python, so background
-  workers (loader.py) build batches while the model trains;
+  workers (lib/loader.py) build batches while the model trains;
 - validation runs on fixed windows of base tokens and reports bits per byte (the one fair
   yardstick between a plain and a zip2zip model) and the length ratio codes / base tokens;
-- a run can start from a plain checkpoint or from GPT-2, in full or with LoRA (adapt.py);
+- a run can start from a plain checkpoint or from GPT-2, in full or with LoRA (lib/adapt.py);
 - every random draw is a function of (seed, rank, step), so a resumed run repeats an
   uninterrupted one exactly, whatever ran before.
 """
@@ -40,16 +40,13 @@ import numpy as np
 import torch
 import torch.nn as nn
 
-import adapt
-import cli
 import fastgen
 import kernels
-import loader
 import multiview
-import outdir
 import zip2zip
-from loader import EOT, build_batch, check_tokens, eval_windows
-from meter import Meter, flops_per_batch, hms
+from lib import adapt, cli, loader, outdir
+from lib.loader import EOT, build_batch, check_tokens, eval_windows
+from lib.meter import Meter, flops_per_batch, hms
 from zip2zip import GPT, GPTConfig
 
 REPO = os.path.dirname(os.path.abspath(__file__))
@@ -209,7 +206,7 @@ def get_batch(data, job, j):
 
 
 # -----------------------------------------------------------------------------
-# Model: from scratch, from a checkpoint (resume or adapt), or from GPT-2; LoRA (adapt.py)
+# Model: from scratch, from a checkpoint (resume or adapt), or from GPT-2; LoRA (lib/adapt.py)
 
 
 def make_model(cfg, mconf, resumed=None):

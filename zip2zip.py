@@ -20,8 +20,10 @@ With max_subtokens=1 nothing is ever merged and the model is exactly a plain GPT
 Reference: Geng et al., "zip2zip: Inference-Time Adaptive Tokenization via Online Compression",
 NeurIPS 2025, arXiv 2506.01084. The exact codec and output vocabulary are in DESIGN.md.
 
-Layout: the LZW codec, the tokenizer, then the model and its decoder. (Settings, checkpoints and
-reports for the scripts are in cli.py and efficiency.py.)
+Layout: the LZW codec, the tokenizer, the hyper-encoder, attention, MLP, Block, the config, and
+the model: forward and its losses, likelihoods, and generation one code at a time (Stepper).
+Beside it: fastgen.py (the same generation, batched and compiled), kernels.py (fused lookups),
+multiview.py (likelihoods summed over segmentations); the scripts' plumbing is in lib/.
 """
 
 import math

@@ -1,4 +1,4 @@
-"""cli.py and the first use of every script: --help, one-line errors for bad input, checkpoints
+"""lib/cli.py and the first use of every script: --help, one-line errors for bad input, checkpoints
 that cannot run code, the device, tables, and how hypertokens are marked."""
 import dataclasses
 import os
@@ -11,7 +11,7 @@ import pytest
 import torch
 
 import bench
-import cli
+from lib import cli
 import data.common
 import efficiency
 import reproduce

@@ -8,7 +8,7 @@ import sys
 import pytest
 import torch
 
-import cli
+from lib import cli
 import fastgen
 import sample
 from zip2zip import GPT, GPTConfig, Tokenizer, lzw_decode

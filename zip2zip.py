@@ -251,25 +251,6 @@ def lzw_decode(codes, vocab_size, max_codebook_size, max_subtokens, disabled_ids
     return ids
 
 
-def lzw_encode_window(ids, start, n_codes, vocab_size, max_codebook_size, max_subtokens,
-                      disabled_ids=()):
-    """The first n_codes codes of the canonical encoding of ids[start:], fresh codebook.
-
-    Returns (codes, n_base): n_base is how many base ids the codes stand for, so the next
-    window can start at start + n_base and no text is lost between windows. Fewer codes come
-    back only where the input runs out.
-    """
-    lzw, out, pos = LZW(vocab_size, max_codebook_size, max_subtokens, disabled_ids), [], start
-    while len(out) < n_codes and pos < len(ids):
-        # Each code covers at least one base id, so this many more never overshoots by much.
-        chunk = base_ids(ids[pos:pos + n_codes - len(out)], vocab_size, pos)
-        lzw.feed(chunk, out)
-        pos += len(chunk)
-    if pos >= len(ids):
-        lzw.flush(out)
-    codes = out[:n_codes]
-    return codes, sum(len(lzw.content(c)) for c in codes)
-
 # -----------------------------------------------------------------------------
 # Tokenizer: text -> GPT-2 BPE base ids (tiktoken r50k_base) -> LZW codes, and back
 

@@ -14,7 +14,7 @@ training uses.
 
 import torch
 
-from zip2zip import Canon, as_ids, check_sampling, sample, vocabulary_logits_
+from zip2zip import Canon, prompt_rows, sample, vocabulary_logits_
 
 
 def context_length(n, block_size):
@@ -72,10 +72,10 @@ def decode_step(model, state, packed, temperature, top_k):
     if c.has_hypertokens:
         # 4. the hyper logits: column j < n is entry j, column n the pending id (DESIGN.md 2); the
         # mask is training's (zip2zip.vocabulary_logits_), with the trie facts of each table row
-        hyper = torch.einsum("bd,bkd->bk", x, state["table_out"])                  # (B, C + 1)
+        hyper_logits = torch.einsum("bd,bkd->bk", x, state["table_out"])           # (B, C + 1)
         invalid = state["cols"] >= n_plus[:, None]                                  # (B, C + 1)
         canon = Canon(match, *state["trie"].unbind(-1)) if c.canonical else None  # (B,), (B, C + 1) x 3
-        logits = vocabulary_logits_(logits, hyper, invalid, canon)                  # (B, V + C + 1)
+        logits = vocabulary_logits_(logits, hyper_logits, invalid, canon)           # (B, V + C + 1)
     return logits, sample(logits, temperature, top_k)
 
 
@@ -238,12 +238,7 @@ def gather_rows(parts):
 def generate(model, idx, max_new_tokens, temperature=1.0, top_k=None, compile=False):
     """GPT.generate through the static step, all rows at once. compile=True compiles the step once
     (one CUDA graph per step on a GPU)."""
-    check_sampling(temperature, top_k, max_new_tokens)
-    rows = idx.tolist() if torch.is_tensor(idx) else [as_ids(r, "prompt") for r in idx]
-    if not rows or any(len(r) == 0 for r in rows):
-        raise ValueError("generate needs at least one prompt and no empty prompt "
-                         "(start from <|endoftext|> for an unconditional sample)")
-    stepper = StaticStepper(model, rows, temperature, top_k, compile)
+    stepper = StaticStepper(model, prompt_rows(idx, temperature, top_k, max_new_tokens), temperature, top_k, compile)
     for _ in range(max_new_tokens):
         dead = [b for b, code in enumerate(stepper.next) if code < 0]
         if dead:   # only possible with a canonical model and no disabled id (DESIGN.md 2.1)

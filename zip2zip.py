@@ -559,11 +559,11 @@ class Canon(NamedTuple):
     last: torch.Tensor     # (..., K + 1) its last base id
 
 
-def vocabulary_logits_(base, hyper, invalid, canon=None):
+def vocabulary_logits_(base, hyper_logits, invalid, canon=None):
     """The next-code logits over the exact vocabulary (DESIGN.md 2) and, with canon, only the
     canonical codes (DESIGN.md 2.1): the one rule of training, scoring and decoding.
 
-    base (..., V): the base logits, masked in place (hence the underscore); hyper (..., K + 1):
+    base (..., V): the base logits, masked in place (hence the underscore); hyper_logits (..., K + 1):
     the hypertoken logits, column j < n entry j and column n the pending id (n: the entries
     installed); invalid (..., K + 1): the columns that are no valid code (j > n, and n when no
     pending id exists). Returns (..., V + K + 1): column V + j is hypertoken V + j, every invalid
@@ -577,7 +577,7 @@ def vocabulary_logits_(base, hyper, invalid, canon=None):
         ban = (canon.parent != canon.match[..., None]).to(base.dtype).log()    # (..., K + 1)
         base.scatter_add_(-1, canon.last, ban)                                 # -inf at those base ids
         invalid = invalid | (base.gather(-1, canon.first) == float("-inf"))
-    return torch.cat([base, hyper.masked_fill(invalid, float("-inf"))], dim=-1)
+    return torch.cat([base, hyper_logits.masked_fill(invalid, float("-inf"))], dim=-1)
 
 
 def token_nll(logits, targets):
@@ -912,12 +912,7 @@ class GPT(nn.Module):
         """Continue each row of codes by max_new_tokens codes. idx: a (B, T) tensor, or a list of
         B lists of codes (prompts of different lengths). Returns the same kind, prompts included.
         Everything it returns decodes; temperature 0 or top_k=1 is greedy."""
-        check_sampling(temperature, top_k, max_new_tokens)
-        rows = idx.tolist() if torch.is_tensor(idx) else [as_ids(r, "prompt") for r in idx]
-        if not rows or any(len(r) == 0 for r in rows):
-            raise ValueError("generate needs at least one prompt and no empty prompt "
-                             "(start from <|endoftext|> for an unconditional sample)")
-        out = []
+        rows, out = prompt_rows(idx, temperature, top_k, max_new_tokens), []
         for b, row in enumerate(rows):       # rows never affect each other: one at a time
             row, stepper = list(row), Stepper(self)
             for code in row:                 # read the prompt: its codebook grows as it is read
@@ -948,14 +943,19 @@ def check_targets(logits, targets, hyper, vocab_size):
             f"base ids < {vocab_size}, {n} installed hypertokens{', and the pending id' if has else ''}"
         raise ValueError(f"target {code} at row {b}, position {t} is not a valid next code there ({why})")
 
-def check_sampling(temperature, top_k, max_new_tokens):
-    """ValueError for settings generation cannot use."""
+def prompt_rows(idx, temperature, top_k, max_new_tokens):
+    """The prompts of generate as lists of codes; ValueError for a setting it cannot use."""
     if not 0 <= temperature < float("inf"):
         raise ValueError(f"temperature must be >= 0 and finite (0 is greedy), got {temperature}")
     if top_k is not None and top_k < 1:
         raise ValueError(f"top_k must be >= 1, or None for every code; got {top_k}")
     if max_new_tokens < 0:
         raise ValueError(f"max_new_tokens must be >= 0, got {max_new_tokens}")
+    rows = idx.tolist() if torch.is_tensor(idx) else [as_ids(r, "prompt") for r in idx]
+    if not rows or any(len(r) == 0 for r in rows):
+        raise ValueError("generate needs at least one prompt and no empty prompt "
+                         "(start from <|endoftext|> for an unconditional sample)")
+    return rows
 
 
 def sample(logits, temperature, top_k):
@@ -1031,7 +1031,7 @@ class Stepper:
         mask = (torch.arange(c.block_size, device=x.device) <= pos)[None, None, None]  # (1, 1, 1, block): filled slots
         slot = torch.tensor([[pos]], device=x.device)                               # (1, 1)
         for i, block in enumerate(m.transformer.h):
-            x = block(x, mask, (self.k[i], self.v[i], slot))
+            x = block.forward(x, mask, (self.k[i], self.v[i], slot))   # .forward: not a compiled graph
         return m.transformer.ln_f(x)[0, 0]
 
     def next_logits(self, x):
@@ -1043,10 +1043,10 @@ class Stepper:
         pending, n = lzw.pending(), lzw.n_entries
         # the pending id scores with its content's vector: hyper column n (zeros when there is none)
         pending_vec = self.encode([pending])[1] if pending else x.new_zeros(1, c.n_embd)
-        hyper = torch.cat([self.table_out, pending_vec.to(self.table_out.dtype)]) @ x   # (n + 1,)
+        hyper_logits = torch.cat([self.table_out, pending_vec.to(self.table_out.dtype)]) @ x   # (n + 1,)
         invalid = torch.arange(n + 1, device=x.device) >= n + (pending is not None)
         canon = None
         if c.canonical:   # the trie: each entry's parent, first and last base id; the pending id is no child
             trie = [(p, e[0], e[-1]) for p, e in zip(lzw.parents, lzw.entries)] + [(-2, (pending or (0,))[0], 0)]
             canon = Canon(torch.tensor(lzw.code, device=x.device), *torch.tensor(trie, device=x.device).T)
-        return vocabulary_logits_(base, hyper, invalid, canon)
+        return vocabulary_logits_(base, hyper_logits, invalid, canon)

@@ -246,7 +246,7 @@ def make_models(cfg, device, unmasked=False):
 
 def replay(model, rows, steps, compile=False):
     """Read rows[b][0] as the prompt, then feed rows[b][1..steps] one code per step, as generation
-    does (each step also draws a next code). Returns the decoder."""
+    does (each step also draws a next code). Returns the StaticStepper."""
     dec = StaticStepper(model, [r[:1] for r in rows], compile=compile)
     for s in range(1, steps + 1):
         dec.advance([r[s] for r in rows])

@@ -17,7 +17,7 @@ What the three kinds of request mean for a model whose vocabulary grows as it re
   and split where the context's own tokens end; the context gets an <|endoftext|> in front, the
   start every training window has. Requests that share a context are scored together.
 - loglikelihood_rolling (document): the prefix log-likelihood of the whole document after an
-  <|endoftext|>, of any length (past the context the KV-cached decoder crops, as generation does).
+  <|endoftext|>, of any length (past the context the KV-cached Stepper crops, as generation does).
 - generate_until (context, {until, max_gen_toks, temperature}): the first code is drawn among the
   codes that spell the context's end (the exact conditional of DESIGN.md 2.3, the same rule as
   is_greedy), then the static decoding step writes on until a stop string or max_gen_toks base

@@ -17,7 +17,7 @@ path: the base id ids[p], each installed entry that matches the text ahead, and 
 its content does. A path ends with the code that spells the last tokens of the text and may run
 past them (DESIGN.md 2.2): the text goes on, and any continuation counts. Paths are grouped by
 text position; at each position the beam_size most probable are kept and extended, all of them
-in one batched step of the KV-cached decoder.
+in one batched step of fastgen.StaticStepper.
 """
 
 import torch

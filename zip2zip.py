@@ -943,6 +943,7 @@ def check_targets(logits, targets, hyper, vocab_size):
             f"base ids < {vocab_size}, {n} installed hypertokens{', and the pending id' if has else ''}"
         raise ValueError(f"target {code} at row {b}, position {t} is not a valid next code there ({why})")
 
+
 def prompt_rows(idx, temperature, top_k, max_new_tokens):
     """The prompts of generate as lists of codes; ValueError for a setting it cannot use."""
     if not 0 <= temperature < float("inf"):

@@ -12,7 +12,6 @@ import torch
 
 import bench
 from lib import cli
-import data.common
 import efficiency
 import reproduce
 import sample

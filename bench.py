@@ -37,8 +37,9 @@ import numpy as np
 import torch
 
 import kernels
-import cli
-from zip2zip import GPT, LZW, Decoder, GPTConfig, Tokenizer, lzw_decode, lzw_encode
+from fastgen import StaticStepper
+from lib import cli
+from zip2zip import GPT, LZW, GPTConfig, Tokenizer, lzw_decode, lzw_encode
 
 ROOT = os.path.dirname(os.path.abspath(__file__))
 
@@ -249,13 +250,15 @@ def make_models(cfg, device, unmasked=False):
         models[name] = GPT(GPTConfig(block_size=cfg.block_size, n_layer=cfg.n_layer, n_head=cfg.n_head,
                                      n_embd=cfg.n_embd, max_subtokens=M, max_codebook_size=cfg.max_codebook_size,
                                      recon_max_entries=cfg.recon_max_entries, canonical=canonical)).to(device)
+        if str(device).startswith("cuda"):
+            kernels.use_kernels(models[name])      # the fused embedding lookups, as train.py
     return models
 
 
 def replay(model, rows, steps, compile=False):
     """Read rows[b][0] as the prompt, then feed rows[b][1..steps] one code per step, as generation
-    does (each step also draws a next code). Returns the decoder."""
-    dec = Decoder(model, [r[:1] for r in rows], compile=compile)
+    does (each step also draws a next code). Returns the StaticStepper."""
+    dec = StaticStepper(model, [r[:1] for r in rows], compile=compile)
     for s in range(1, steps + 1):
         dec.advance([r[s] for r in rows])
     return dec
@@ -320,7 +323,7 @@ def bench_decode(cfg, device, tok):
 
 def bench_train(cfg, device, tok):
     """Text bytes per second of one training step, and of building its batch, zip2zip vs plain."""
-    from loader import build_batch, to_device   # train.py's batches, moved as train.py moves them
+    from lib.loader import build_batch, to_device   # train.py's batches, moved as train.py moves them
     data = load_tokens("pycode", "train")
     models = make_models(cfg, device, unmasked=True)
     B, T = cfg.train_batch_size, cfg.block_size

@@ -16,7 +16,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
-import cli
+from lib import cli
 from zip2zip import Tokenizer, as_ids, lzw_encode
 
 

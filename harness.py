@@ -17,7 +17,7 @@ What the three kinds of request mean for a model whose vocabulary grows as it re
   and split where the context's own tokens end; the context gets an <|endoftext|> in front, the
   start every training window has. Requests that share a context are scored together.
 - loglikelihood_rolling (document): the prefix log-likelihood of the whole document after an
-  <|endoftext|>, of any length (past the context the KV-cached decoder crops, as generation does).
+  <|endoftext|>, of any length (past the context the KV-cached Stepper crops, as generation does).
 - generate_until (context, {until, max_gen_toks, temperature}): the first code is drawn among the
   codes that spell the context's end (the exact conditional of DESIGN.md 2.3, the same rule as
   is_greedy), then the static decoding step writes on until a stop string or max_gen_toks base
@@ -31,8 +31,10 @@ from dataclasses import dataclass
 
 import torch
 
-import cli
-from zip2zip import Decoder, lzw_encode
+import multiview
+from fastgen import StaticStepper
+from lib import cli
+from zip2zip import lzw_encode
 
 try:
     from lm_eval.api.model import LM
@@ -91,7 +93,7 @@ class Zip2Zip(LM):
             for j in range(0, len(idx), self.batch_size):
                 chunk = idx[j:j + self.batch_size]
                 with self.ctx:
-                    scored = self.model.loglikelihoods(list(ctx), [pairs[i][1] for i in chunk], self.beam_size)
+                    scored = multiview.loglikelihoods(self.model, list(ctx), [pairs[i][1] for i in chunk], self.beam_size)
                 for i, result in zip(chunk, scored):
                     out[i] = result
         return out
@@ -101,7 +103,7 @@ class Zip2Zip(LM):
         for r in requests:
             ids = [self.tok.eot] + self.tok.encode_base(r.args[0])
             with self.ctx:
-                nll = self.model.marginal_nll(ids, self.beam_size) if self.beam_size else \
+                nll = multiview.marginal_nll(self.model, ids, self.beam_size) if self.beam_size else \
                     self.model.nll(lzw_encode(ids, c.vocab_size, c.max_codebook_size, c.max_subtokens, c.disabled_ids))
             out.append(-nll)
         return out
@@ -129,7 +131,7 @@ class Zip2Zip(LM):
             # read every context but its last code; the first code is drawn among the codes that
             # spell the context's end and may run past it (the text so far is the context, whatever
             # its last code would have been), then generation goes on as usual
-            dec = Decoder(m, [h[:-1] or h for h in heads], temperature)
+            dec = StaticStepper(m, [h[:-1] or h for h in heads], temperature)
             codes, skip = [], []        # skip: base tokens of the first code that are still context
             for b, h in enumerate(heads):
                 if len(h) == 1:           # an empty context: the start alone, read already

@@ -12,8 +12,9 @@ hyper-encoder computes per row from the base tokens they stand for. Two lookups 
    gather their embeddings, add the learned slot positions and zero the pads in one pass,
    instead of embedding + add + mask as three kernels with two (N, M, d) intermediates.
 
-Each comes as a plain PyTorch reference (the spec, and what runs on CPU), a Triton kernel in a
-torch.autograd.Function, and a dispatch function the model calls. The backward kernels sum into
+Each comes as a plain PyTorch reference (zip2zip.py's own lookup: the spec, and what runs on
+CPU), a Triton kernel in a torch.autograd.Function, and a dispatch function; use_kernels(model)
+makes a model call the dispatch functions (train.py and bench.py do on a GPU). The backward kernels sum into
 the tables with fp32 atomic adds and cast at the end, so repeated ids accumulate in fp32 also
 for bf16 tables (exact up to the order of the adds).
 """
@@ -21,7 +22,8 @@ for bf16 tables (exact up to the order of the adds).
 import math
 
 import torch
-import torch.nn.functional as F
+
+from zip2zip import HyperEncoder, embed_codes, embed_slots
 
 try:
     import triton
@@ -131,22 +133,8 @@ if HAS_TRITON:
 # -----------------------------------------------------------------------------
 # 1. hyper_embedding: the input embedding of compressed ids
 
-def hyper_embedding_reference(idx, wte, hyper, vocab_size):
-    """out[b, t] = wte[idx[b, t]] if idx[b, t] < vocab_size else hyper[b, idx[b, t] - vocab_size].
-
-    idx (B, T) int64, wte (V, d), hyper (B, K, d) of the same dtype -> (B, T, d).
-    Ids must be < vocab_size + K. Boolean masks pick which positions read which table, so each
-    position is looked up once. (Concatenating the tables into one F.embedding would copy all
-    of wte every step; the masks cost a host sync on CUDA, which the Triton path avoids.)
-    Example, V=3: idx [[0, 3, 2]] -> [[wte[0], hyper[0, 0], wte[2]]].
-    """
-    B, T = idx.shape
-    base = idx < vocab_size                                          # (B, T)
-    row = torch.arange(B, device=idx.device)[:, None].expand(B, T)  # (B, T) row of each position
-    out = wte.new_empty(B, T, wte.size(1))                           # (B, T, d)
-    out[base] = wte[idx[base]]
-    out[~base] = hyper[row[~base], idx[~base] - vocab_size]
-    return out
+# the reference: zip2zip.embed_codes, the plain PyTorch lookup the model runs everywhere else
+hyper_embedding_reference = embed_codes
 
 
 class HyperEmbedding(torch.autograd.Function):
@@ -189,17 +177,8 @@ def hyper_embedding(idx, wte, hyper, vocab_size):
 # -----------------------------------------------------------------------------
 # 2. gather_slots: the padded input of the hyper-encoder
 
-def gather_slots_reference(contents, lengths, wte, slot_pos):
-    """out[n, s] = wte[contents[n, s]] + slot_pos[s] for s < lengths[n], else exactly 0.
-
-    contents (N, M) int64 base ids (pads hold any valid id), lengths (N,) int64 in 1..M,
-    wte (V, d), slot_pos (M, d) of the same dtype -> (N, M, d).
-    Example: contents [[5, 7, 0]], lengths [2] -> [[wte[5] + p[0], wte[7] + p[1], 0]].
-    """
-    N, M = contents.shape
-    live = torch.arange(M, device=contents.device) < lengths[:, None]  # (N, M)
-    x = F.embedding(contents, wte) + slot_pos                          # (N, M, d)
-    return torch.where(live[..., None], x, 0.0)  # pads are exactly 0 and pass no gradient on
+# the reference: zip2zip.embed_slots
+gather_slots_reference = embed_slots
 
 
 class GatherSlots(torch.autograd.Function):
@@ -235,3 +214,13 @@ def gather_slots(contents, lengths, wte, slot_pos):
     if _use_triton(contents, wte, slot_pos):
         return GatherSlots.apply(contents, lengths, wte, slot_pos)
     return gather_slots_reference(contents, lengths, wte, slot_pos)
+
+
+def use_kernels(model):
+    """Make a zip2zip GPT look its embeddings up through the dispatch functions above: the Triton
+    kernels on CUDA tensors, the references elsewhere. Returns the model."""
+    model.embed_codes = hyper_embedding
+    for module in model.modules():
+        if isinstance(module, HyperEncoder):
+            module.embed_slots = gather_slots
+    return model

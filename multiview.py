@@ -1,7 +1,7 @@
 """
 The multi-view likelihood of a text (DESIGN.md 5): the probability that a model's text starts
-with it, summed over the code streams that spell it, for any zip2zip model (GPT.marginal_nll and
-GPT.loglikelihoods call prefix_nlls here).
+with it, summed over the code streams that spell it, for any zip2zip model: marginal_nll,
+loglikelihoods and score, the multi-view forms of GPT.nll, GPT.loglikelihoods and GPT.score.
 
 Many code streams spell the same text: the canonical one, and every one that writes a run of base
 tokens in smaller pieces than the greedy encoder would. An unmasked model (canonical=False)
@@ -17,13 +17,14 @@ path: the base id ids[p], each installed entry that matches the text ahead, and 
 its content does. A path ends with the code that spells the last tokens of the text and may run
 past them (DESIGN.md 2.2): the text goes on, and any continuation counts. Paths are grouped by
 text position; at each position the beam_size most probable are kept and extended, all of them
-in one batched step of the KV-cached decoder.
+in one batched step of fastgen.StaticStepper.
 """
 
 import torch
 from torch.nn import functional as F
 
-from zip2zip import Decoder, as_ids, check_base_ids, decode_step
+from fastgen import StaticStepper, gather_rows
+from zip2zip import as_ids, check_base_ids
 
 
 def lattice(model, ids, ends):
@@ -47,23 +48,6 @@ def lattice(model, ids, ends):
     return choices, finals
 
 
-def gather_rows(parts):
-    """A new (eager) decoder of the rows (decoder, row) in `parts`, in order."""
-    new, d0 = Decoder.__new__(Decoder), parts[0][0]
-    new.__dict__.update(d0.__dict__, step=decode_step)
-    per_row = ("k", "v", "table_in", "table_out", "trie")     # the rest of the state is shared
-    new.state = {t: torch.cat([d.state[t][r:r + 1] for d, r in parts]) if t in per_row else x
-                 for t, x in d0.state.items()}
-    if "table_out" in new.state and d0.state["table_out"] is d0.state["table_in"]:
-        new.state["table_out"] = new.state["table_in"]
-    new.state["rows"] = torch.arange(len(parts), device=d0.model.device)[:, None]
-    new.rows = [list(d.rows[r]) for d, r in parts]
-    new.lzw = [d.lzw[r].copy() for d, r in parts]
-    new.filled = [d.filled[r] for d, r in parts]
-    new.logits = torch.cat([d.logits[r:r + 1] for d, r in parts])
-    return new
-
-
 @torch.no_grad()
 def prefix_nlls(model, ids, ends, beam_size=16):
     """For each e in ends: the NLL (nats) that the text starts with base ids[1:e], given ids[0],
@@ -76,9 +60,9 @@ def prefix_nlls(model, ids, ends, beam_size=16):
     if not all(1 <= e <= len(ids) for e in ends):
         raise ValueError(f"ends must lie in 1..{len(ids)}, got {list(ends)}")
     choices, finals = lattice(model, ids, ends)
-    # paths[p]: (log-prob, decoder, row, code): a path that read ids[:p], ending with `code` read
-    # on top of that decoder row (None: the row has read it already). Greedy decoders draw nothing.
-    paths, done = {1: [(0.0, Decoder(model, [ids[:1]], temperature=0), 0, None)]}, {e: [] for e in ends}
+    # paths[p]: (log-prob, stepper, row, code): a path that read ids[:p], ending with `code` read
+    # on top of that stepper's row (None: the row has read it already). Greedy steppers draw nothing.
+    paths, done = {1: [(0.0, StaticStepper(model, [ids[:1]], temperature=0), 0, None)]}, {e: [] for e in ends}
     for p in range(1, len(ids)):
         beam = sorted(paths.pop(p, []), key=lambda path: -path[0])[:beam_size]
         if not beam:
@@ -98,3 +82,32 @@ def prefix_nlls(model, ids, ends, beam_size=16):
             for e in last:                    # the path ends here: the code at p spells ids[p:e] and goes on
                 done[e].append(lp + last[e][i])
     return [0.0 if e == 1 else -torch.logsumexp(torch.tensor(done[e], dtype=torch.float64), 0).item() for e in ends]
+
+
+def marginal_nll(model, ids, beam_size=16):
+    """Multi-view NLL (nats) that the text starts with base ids[1:], given ids[0], summed over
+    the code streams that spell it (DESIGN.md 5)."""
+    return prefix_nlls(model, ids, [len(ids)], beam_size)[0]
+
+
+@torch.no_grad()
+def loglikelihoods(model, context, continuations, beam_size=16):
+    """GPT.loglikelihoods with both prefix probabilities summed over segmentations: exact for any
+    model when the beam holds every path. is_greedy is GPT.loglikelihoods', along the canonical
+    codes. beam_size 0: GPT.loglikelihoods itself."""
+    out = model.loglikelihoods(context, continuations)
+    if beam_size == 0:
+        return out
+    ctx = as_ids(context, "context")
+    return [(nll_ctx - nll_all, greedy) for x, (_, greedy) in zip(map(as_ids, continuations), out)
+            for nll_ctx, nll_all in [prefix_nlls(model, ctx + x, [len(ctx), len(ctx) + len(x)], beam_size)]]
+
+
+def loglikelihood(model, context, continuation, beam_size=16):
+    """log P(continuation | context) in nats, summed over segmentations (see loglikelihoods)."""
+    return loglikelihoods(model, context, [continuation], beam_size)[0][0]
+
+
+def score(model, text, tokenizer, beam_size=16):
+    """GPT.score with the NLL summed over segmentations: (NLL in nats, UTF-8 bytes)."""
+    return marginal_nll(model, model.text_ids(text, tokenizer), beam_size), len(text.encode("utf-8"))

@@ -34,10 +34,10 @@ import numpy as np
 import torch
 
 import bench
-import cli
+import fastgen
 from efficiency import compression_stats
-from data.common import gpt2_bpe
-from zip2zip import Tokenizer
+from lib import cli
+from zip2zip import Tokenizer, gpt2_bpe
 
 ROOT = os.path.dirname(os.path.abspath(__file__))
 
@@ -223,7 +223,7 @@ def windows_of(cfg, model, which=None):
 
 
 def multiview_bpb(cfg, model, beam):
-    """Bits per byte of the validation windows summed over segmentations (GPT.marginal_nll), as
+    """Bits per byte of the validation windows summed over segmentations (multiview.marginal_nll), as
     train.py --eval_beam measures it."""
     from train import estimate_loss
     return estimate_loss(model, windows_of(cfg, model), cfg.eval_batch_size, nullcontext(), beam=beam)["bpb_multiview"]
@@ -235,7 +235,7 @@ def noncanonical_share(cfg, model, n=32):
     c = model.config
     args = (c.vocab_size, c.max_codebook_size, c.max_subtokens, c.disabled_ids)
     torch.manual_seed(cfg.seed)
-    rows = model.generate([[50256]] * (4 if cfg.quick else n), 8 if cfg.quick else 128, temperature=1.0)
+    rows = fastgen.generate(model, [[50256]] * (4 if cfg.quick else n), 8 if cfg.quick else 128, temperature=1.0)
     return sum(lzw_encode(lzw_decode(r, *args), *args) != r for r in rows) / len(rows)
 
 

@@ -18,7 +18,8 @@ from dataclasses import dataclass
 
 import torch
 
-import cli
+import fastgen
+from lib import cli
 from zip2zip import lzw_decode, lzw_encode
 
 
@@ -91,7 +92,7 @@ def main(argv=None):
     for i in range(cfg.num_samples):
         t0 = time.perf_counter()
         with ctx:
-            row = model.generate([prompt], cfg.max_new_tokens, cfg.temperature, cfg.top_k or None, cfg.compile)[0]
+            row = fastgen.generate(model, [prompt], cfg.max_new_tokens, cfg.temperature, cfg.top_k or None, cfg.compile)[0]
         if device.startswith("cuda"):
             torch.cuda.synchronize()
         seconds = time.perf_counter() - t0

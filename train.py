@@ -14,17 +14,17 @@ it says so and applies config/cpu.py first. Settings apply in order: TrainConfig
 config/cpu.py when there is no CUDA, then the command line (preset files `config/x.py` of
 `key = literal` lines, and --key=value), left to right; all are checked before any work.
 
-A run writes out_dir/ckpt.pt and out_dir/log.json (curves, for plots: outdir.py has its format)
+A run writes out_dir/ckpt.pt and out_dir/log.json (curves, for plots: lib/outdir.py has its format)
 and holds out_dir/train.lock, so a second training into the same folder is refused. Ctrl-C stops
 after the current step, saves, and prints the command that resumes.
 
 What differs from nanoGPT's train.py:
 - a training example is a random window of base tokens compressed with a fresh LZW codebook
   until block_size + 1 codes came out (DESIGN.md 4); the codec is pure Python, so background
-  workers (loader.py) build batches while the model trains;
+  workers (lib/loader.py) build batches while the model trains;
 - validation runs on fixed windows of base tokens and reports bits per byte (the one fair
   yardstick between a plain and a zip2zip model) and the length ratio codes / base tokens;
-- a run can start from a plain checkpoint or from GPT-2, in full or with LoRA (adapt.py);
+- a run can start from a plain checkpoint or from GPT-2, in full or with LoRA (lib/adapt.py);
 - every random draw is a function of (seed, rank, step), so a resumed run repeats an
   uninterrupted one exactly, whatever ran before.
 """
@@ -35,18 +35,19 @@ import sys
 import time
 from contextlib import ExitStack, closing
 from dataclasses import asdict, dataclass
+from types import SimpleNamespace
 
 import numpy as np
 import torch
 import torch.nn as nn
 
-import adapt
-import cli
-import loader
-import outdir
+import fastgen
+import kernels
+import multiview
 import zip2zip
-from loader import EOT, build_batch, check_tokens, eval_windows
-from meter import Meter, flops_per_batch, hms
+from lib import adapt, cli, loader, outdir
+from lib.loader import EOT, build_batch, check_tokens, eval_windows
+from lib.meter import Meter, flops_per_batch, hms
 from zip2zip import GPT, GPTConfig
 
 REPO = os.path.dirname(os.path.abspath(__file__))
@@ -66,7 +67,7 @@ class TrainConfig:
     log_interval: int = 10              # steps between log lines (each one syncs the device)
     eval_only: bool = False             # evaluate the model as loaded, then stop (writes nothing)
     eval_beam: int = 0                  # > 0: also the multi-view bits per byte, summed over segmentations by a
-                                        # beam this wide (GPT.marginal_nll; seconds per window on a CPU); 0: off
+                                        # beam this wide (multiview.marginal_nll; seconds per window on a CPU); 0: off
     sample_tokens: int = 256            # codes generated at the end, to see what was learned (0: none)
     # data
     dataset: str = "pycode"             # data/<name>/ (prepared if missing), or a path to a folder with train.bin, val.bin
@@ -206,7 +207,7 @@ def get_batch(data, job, j):
 
 
 # -----------------------------------------------------------------------------
-# Model: from scratch, from a checkpoint (resume or adapt), or from GPT-2; LoRA (adapt.py)
+# Model: from scratch, from a checkpoint (resume or adapt), or from GPT-2; LoRA (lib/adapt.py)
 
 
 def make_model(cfg, mconf, resumed=None):
@@ -240,7 +241,7 @@ def configure_optimizer(model, cfg, device_type):
 def estimate_loss(model, windows, batch_size, ctx, rank=0, world=1, static=False, beam=0):
     """Loss per code, bits per byte and codes per base token on the fixed validation windows; with
     beam > 0 also the multi-view bits per byte (bpb_multiview: the windows' base tokens scored over
-    every segmentation the beam finds, GPT.marginal_nll).
+    every segmentation the beam finds, multiview.marginal_nll).
 
     Rows are scored in batches: x padded with EOT (a valid code), targets with -1 (ignored).
     static: every batch is padded to (batch_size, block_size), pad rows all EOT with no targets, so
@@ -260,7 +261,7 @@ def estimate_loss(model, windows, batch_size, ctx, rank=0, world=1, static=False
         rows += [[EOT]] * (batch_size - len(rows)) if static else []
         x = [codes[:-1] + [EOT] * (T + 1 - len(codes)) for codes in rows]
         y = torch.tensor([codes[1:] + [-1] * (T + 1 - len(codes)) for codes in rows], device=device)
-        hyper = model.hyper_batch(x).to(device) if c.hyper else None
+        hyper = model.hyper_batch(x).to(device) if c.has_hypertokens else None
         with ctx:
             logits, _ = model(torch.tensor(x, device=device), hyper=hyper)     # (B, T, V [+ K + 1])
         # the last code of each window is scored as the text going on past it (DESIGN.md 2.2): the
@@ -274,14 +275,14 @@ def estimate_loss(model, windows, batch_size, ctx, rank=0, world=1, static=False
         total += torch.tensor([nll.item(), n_codes, base, n_bytes, 0], dtype=torch.float64, device=device)
     for codes, _, _ in mine if beam else []:
         with ctx:
-            total[4] += model.marginal_nll(zip2zip.lzw_decode(codes, c.vocab_size, c.max_codebook_size,
+            total[4] += multiview.marginal_nll(model, zip2zip.lzw_decode(codes, c.vocab_size, c.max_codebook_size,
                                                               c.max_subtokens, c.disabled_ids), beam)
     if world > 1:
         torch.distributed.all_reduce(total)
     model.train()
-    nll, codes, base, n_bytes, multiview = total.tolist()
+    nll, codes, base, n_bytes, nll_views = total.tolist()
     return {"loss": nll / codes, "bpb": nll / (math.log(2) * n_bytes), "ratio": codes / base,
-            "bytes_per_code": n_bytes / codes, **({"bpb_multiview": multiview / (math.log(2) * n_bytes)} if beam else {})}
+            "bytes_per_code": n_bytes / codes, **({"bpb_multiview": nll_views / (math.log(2) * n_bytes)} if beam else {})}
 
 
 def get_lr(cfg, it, seconds):
@@ -299,175 +300,215 @@ def get_lr(cfg, it, seconds):
 
 
 # -----------------------------------------------------------------------------
+# A run, phase by phase: setup, data, model and optimizer, the loop (evaluating and saving), the end
 
 
 def main(argv=None):
+    """Train as the settings say; returns the figures tests and reproduce.py read."""
     argv = sys.argv[1:] if argv is None else list(argv)
     with ExitStack() as held:   # released however main ends: the out_dir lock, Ctrl-C's handler, the workers
-        return _main(argv, held)
+        env = setup(argv, held)                          # settings, processes, device, the out_dir
+        train_path, windows = load_data(env)             # the data, checked; the fixed validation windows
+        run = build_model(env)                           # model, optimizer, the step reached
+        meter = train(env, run, train_path, windows, held)   # the loop, evaluating and saving
+        return finish(env, run, meter)                   # summary, sample
 
 
-def _main(argv, held):
-    # -------------------------------------------------------------------------- setup
-    ddp = int(os.environ.get("RANK", -1)) != -1      # launched by torchrun?
-    rank, local_rank, world = (int(os.environ.get(k, "0")) for k in ("RANK", "LOCAL_RANK", "WORLD_SIZE"))
-    world, local_world, master = max(world, 1), int(os.environ.get("LOCAL_WORLD_SIZE", 1)), rank == 0
-    cuda = torch.cuda.is_available()
+# -------------------------------------------------------------------------- setup
+
+
+def setup(argv, held):
+    """The settings, checked; the DDP processes, the device, autocast; the out_dir's lock."""
+    env = SimpleNamespace(ddp=int(os.environ.get("RANK", -1)) != -1)      # launched by torchrun?
+    env.rank, env.local_rank, world = (int(os.environ.get(k, "0")) for k in ("RANK", "LOCAL_RANK", "WORLD_SIZE"))
+    env.world, env.local_world = max(world, 1), int(os.environ.get("LOCAL_WORLD_SIZE", 1))
+    env.master, env.cuda = env.rank == 0, torch.cuda.is_available()
     try:
-        cfg = read_config(argv, cuda, world)
-        writes = master and not cfg.eval_only        # rank 0 writes out_dir, and holds it until the end
-        if writes and (cfg.init_from != "resume" or os.path.isdir(cfg.out_dir)):
+        cfg = read_config(argv, env.cuda, env.world)
+        env.writes = env.master and not cfg.eval_only    # rank 0 writes out_dir, and holds it until the end
+        if env.writes and (cfg.init_from != "resume" or os.path.isdir(cfg.out_dir)):
             held.enter_context(outdir.lock(cfg.out_dir))
-        cfg, resumed = resume_config(cfg, argv, cuda, world) if cfg.init_from == "resume" else (cfg, None)
-        ckpt, ckpt_path = resumed and resumed[1], os.path.join(cfg.out_dir, "ckpt.pt")
-        if writes and not ckpt and os.path.exists(ckpt_path) and not cfg.overwrite:
-            raise ValueError(f"{ckpt_path} exists: continue it with --init_from=resume, choose another "
+        cfg, env.resumed = resume_config(cfg, argv, env.cuda, env.world) if cfg.init_from == "resume" else (cfg, None)
+        env.ckpt, env.ckpt_path = env.resumed and env.resumed[1], os.path.join(cfg.out_dir, "ckpt.pt")
+        if env.writes and not env.ckpt and os.path.exists(env.ckpt_path) and not cfg.overwrite:
+            raise ValueError(f"{env.ckpt_path} exists: continue it with --init_from=resume, choose another "
                              f"--out_dir, or replace it with --overwrite=True")
-    except (ValueError, FileNotFoundError) as e:
+        env.tokenizer = zip2zip.Tokenizer(cfg.max_subtokens, cfg.max_codebook_size, cfg.no_digit_merges)
+    except (ValueError, OSError) as e:   # OSError: GPT-2's ranks missing or damaged
         raise SystemExit(f"error: {e}")
-    try:
-        tokenizer = zip2zip.Tokenizer(cfg.max_subtokens, cfg.max_codebook_size, cfg.no_digit_merges)
-    except OSError as e:   # GPT-2's ranks missing or damaged
-        raise SystemExit(f"error: {e}")
-    if master and not cuda and cfg.init_from != "resume":
+    env.cfg = cfg
+    if env.master and not env.cuda and cfg.init_from != "resume":
         print("no CUDA here: the CPU preset config/cpu.py applies first" +
               (f"; it trains for at most {hms(cfg.max_seconds)} (h:mm:ss)" if cfg.max_seconds > 0 else ""))
-    device = cli.device(cfg.device)
-    if ddp:
-        device = f"cuda:{local_rank}" if cuda else "cpu"
-        torch.distributed.init_process_group(backend="nccl" if cuda else "gloo")
-        if cuda:
-            torch.cuda.set_device(device)
+    env.device = cli.device(cfg.device)
+    if env.ddp:
+        env.device = f"cuda:{env.local_rank}" if env.cuda else "cpu"
+        torch.distributed.init_process_group(backend="nccl" if env.cuda else "gloo")
+        if env.cuda:
+            torch.cuda.set_device(env.device)
         else:   # share the cores between this machine's processes
-            torch.set_num_threads(max(1, (os.cpu_count() or 1) // local_world))
+            torch.set_num_threads(max(1, (os.cpu_count() or 1) // env.local_world))
     if cfg.threads:
         torch.set_num_threads(cfg.threads)
-    accum = cfg.gradient_accumulation_steps // world
-    device_type = "cuda" if device.startswith("cuda") else "cpu"
-    dtype, ctx = cli.autocast(cfg.dtype, device)
+    env.accum = cfg.gradient_accumulation_steps // env.world
+    env.device_type = "cuda" if env.device.startswith("cuda") else "cpu"
+    env.dtype, env.ctx = cli.autocast(cfg.dtype, env.device)
     torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = True
-    mconf = GPTConfig(vocab_size=tokenizer.vocab_size, disabled_ids=tuple(sorted(tokenizer.disabled_ids)),
-                      **{k: getattr(cfg, k) for k in MODEL_KEYS})
+    env.mconf = GPTConfig(vocab_size=env.tokenizer.vocab_size, disabled_ids=tuple(sorted(env.tokenizer.disabled_ids)),
+                          **{k: getattr(cfg, k) for k in MODEL_KEYS})
+    return env
 
-    # -------------------------------------------------------------------------- data
+
+def load_data(env):
+    """(train.bin's path, the validation windows), prepared first if a shipped dataset is missing."""
+    cfg = env.cfg
     folder = cfg.dataset if os.sep in cfg.dataset else os.path.join(REPO, "data", cfg.dataset)
-    if master and os.sep not in cfg.dataset and os.path.isfile(os.path.join(folder, "prepare.py")) \
+    if env.master and os.sep not in cfg.dataset and os.path.isfile(os.path.join(folder, "prepare.py")) \
             and not os.path.exists(os.path.join(folder, "meta.json")):
         print(f"data/{cfg.dataset} is missing or incomplete: preparing it first")
         __import__(f"data.{cfg.dataset}.prepare", fromlist=["prepare"]).prepare()
-    if ddp:
+    if env.ddp:
         torch.distributed.barrier()
     train_path, val_path = (os.path.join(folder, f"{s}.bin") for s in ("train", "val"))
     try:
         for p in (train_path, val_path):
             if not os.path.isfile(p):
                 raise ValueError(f"--dataset={cfg.dataset}: no {p}")
-            check_tokens(p, mconf.vocab_size)
+            check_tokens(p, env.mconf.vocab_size)
         n_train, need = len(np.memmap(train_path, dtype=np.uint16, mode="r")), cfg.max_subtokens * (cfg.block_size + 1)
         if n_train < need:
             raise ValueError(f"{train_path} holds {n_train} tokens; a window of {cfg.block_size + 1} codes may need {need}")
         windows = eval_windows(np.memmap(val_path, dtype=np.uint16, mode="r"), cfg.eval_windows,
-                               cfg.block_size, mconf, tokenizer.byte_lengths)
-
-        # ---------------------------------------------------------------------- model
-        torch.manual_seed(cfg.seed)
-        model = make_model(cfg, mconf, resumed)
+                               cfg.block_size, env.mconf, env.tokenizer.byte_lengths)
     except (ValueError, FileNotFoundError) as e:
         raise SystemExit(f"error: {e}")
-    if mconf.hyper and (mconf.recon_lambda == 0 or mconf.recon_max_entries == 0):
+    return train_path, windows
+
+
+def build_model(env):
+    """The run's state: the model on the device (raw_model; model: compiled blocks, DDP), its
+    optimizer and scaler, the step reached, the best validation loss, the log."""
+    cfg, ckpt = env.cfg, env.ckpt
+    try:
+        torch.manual_seed(cfg.seed)
+        model = make_model(cfg, env.mconf, env.resumed)
+    except (ValueError, FileNotFoundError) as e:
+        raise SystemExit(f"error: {e}")
+    if model.config.has_hypertokens and (model.config.recon_lambda == 0 or model.config.recon_max_entries == 0):
         model.recon.requires_grad_(False)   # unused: DDP would wait for its gradient
-    raw_model, mconf = model.to(device), model.config
-    iter_num, train_seconds, best_val_loss = (ckpt[k] for k in ("iter_num", "train_seconds", "best_val_loss")) \
-        if ckpt else (0, 0.0, float("inf"))
-    log = {"config": asdict(cfg), **(outdir.read_log(cfg.out_dir, iter_num) if ckpt else {"evals": [], "train": []})}
-    if master:
+    run = SimpleNamespace(raw_model=model.to(env.device), metrics=None, history=[], stop=False)
+    env.mconf = model.config                # adapting takes the source's architecture
+    if env.device_type == "cuda":
+        kernels.use_kernels(model)          # the fused embedding lookups
+    run.iter_num, run.train_seconds, run.best_val_loss = \
+        (ckpt[k] for k in ("iter_num", "train_seconds", "best_val_loss")) if ckpt else (0, 0.0, float("inf"))
+    run.start_iter = run.saved_iter = run.iter_num
+    run.log = {"config": asdict(cfg), **(outdir.read_log(cfg.out_dir, run.iter_num) if ckpt else {"evals": [], "train": []})}
+    if env.master:
         n_trained = sum(p.numel() for p in model.parameters() if p.requires_grad)
         print(f"model: {model.get_num_params(False) / 1e6:.2f}M parameters ({n_trained / 1e6:.2f}M trained), "
-              f"M={cfg.max_subtokens}, C={cfg.max_codebook_size}; {world * accum * cfg.batch_size * cfg.block_size:,} "
-              f"codes per step ({world} x {accum} x {cfg.batch_size} x {cfg.block_size}); {device}, {dtype}")
-
-    # -------------------------------------------------------------------------- optimizer
-    optimizer = configure_optimizer(model, cfg, device_type)
+              f"M={cfg.max_subtokens}, C={cfg.max_codebook_size}; "
+              f"{env.world * env.accum * cfg.batch_size * cfg.block_size:,} codes per step ({env.world} x {env.accum} "
+              f"x {cfg.batch_size} x {cfg.block_size}); {env.device}, {env.dtype}")
+    run.optimizer = configure_optimizer(model, cfg, env.device_type)
     if ckpt:
-        optimizer.load_state_dict(ckpt["optimizer"])
-    scaler = torch.amp.GradScaler(device_type, enabled=dtype == "float16")
+        run.optimizer.load_state_dict(ckpt["optimizer"])
+    run.scaler = torch.amp.GradScaler(env.device_type, enabled=env.dtype == "float16")
     if cfg.compile:
         for block in model.transformer.h:
             block.compile()     # in place: parameter names stay as they are
-    if ddp:
-        model = nn.parallel.DistributedDataParallel(model, device_ids=[local_rank] if cuda else None)
+    run.model = nn.parallel.DistributedDataParallel(model, device_ids=[env.local_rank] if env.cuda else None) \
+        if env.ddp else model
+    # before it starts: nothing to train (and nothing to write)?
+    run.finished = run.iter_num >= cfg.max_iters or 0 < cfg.max_seconds <= run.train_seconds
+    env.writes = env.writes and not run.finished
+    return run
 
-    # -------------------------------------------------------------------------- loop
-    finished = iter_num >= cfg.max_iters or 0 < cfg.max_seconds <= train_seconds   # before it starts?
-    writes = writes and not finished
-    job = dict(first=iter_num * accum, accum=accum, seed=cfg.seed, rank=rank, batch_size=cfg.batch_size,
-               mconf=mconf, byte_lengths=tokenizer.byte_lengths)
-    interrupt = outdir.Interrupt(ddp)           # Ctrl-C: stop after the current step, and save it
-    held.callback(interrupt.restore)
-    n_workers = cfg.num_workers or max(1, (os.cpu_count() or 1) // local_world - 2)
-    batches = None if finished or cfg.eval_only else \
+
+def save(env, run):
+    """log.json, then the checkpoint if there are new steps (a log ahead of the checkpoint is cut
+    back on resume)."""
+    cfg = env.cfg
+    outdir.write_log(cfg.out_dir, run.log)
+    if run.iter_num > run.saved_iter:
+        state, lora = adapt.plain_state(run.raw_model)
+        outdir.save_checkpoint({"model": state, "model_args": asdict(run.raw_model.config), "config": asdict(cfg),
+                                "optimizer": run.optimizer.state_dict(), "iter_num": run.iter_num,
+                                "best_val_loss": run.best_val_loss, "train_seconds": run.train_seconds,
+                                "val": run.metrics, "lora": lora}, cfg.out_dir)
+        run.saved_iter = run.iter_num
+
+
+def evaluate(env, run, windows):
+    """estimate_loss on the validation windows; printed, logged and saved with a checkpoint."""
+    cfg, it = env.cfg, run.iter_num
+    run.metrics = m = estimate_loss(run.raw_model, windows, cfg.batch_size, env.ctx, env.rank, env.world,
+                                    cfg.compile, cfg.eval_beam)
+    run.best_val_loss = min(run.best_val_loss, m["loss"])
+    if env.master:
+        views = f" (multi-view, beam {cfg.eval_beam}: {m['bpb_multiview']:.4f})" if cfg.eval_beam else ""
+        print(f"step {it}: val loss {m['loss']:.4f}, {m['bpb']:.4f} bits per byte{views}, "
+              f"{m['ratio']:.3f} codes per base token ({m['bytes_per_code']:.2f} bytes per code)")
+    if env.writes:
+        run.log["evals"] = [e for e in run.log["evals"] if e["iter"] < it] + \
+            [{"iter": it, "train_seconds": run.train_seconds, **m}]
+        save(env, run)
+
+
+# -------------------------------------------------------------------------- the loop
+
+
+def train(env, run, train_path, windows, held):
+    """Step until max_iters, max_seconds, eval_only or Ctrl-C; evaluate every eval_interval
+    steps and at the end. Returns the Meter of the steps taken."""
+    cfg, device, accum, world = env.cfg, env.device, env.accum, env.world
+    model, optimizer, scaler = run.model, run.optimizer, run.scaler
+    job = dict(first=run.iter_num * accum, accum=accum, seed=cfg.seed, rank=env.rank, batch_size=cfg.batch_size,
+               mconf=env.mconf, byte_lengths=env.tokenizer.byte_lengths)
+    run.interrupt = outdir.Interrupt(env.ddp)       # Ctrl-C: stop after the current step, and save it
+    held.callback(run.interrupt.restore)
+    n_workers = cfg.num_workers or max(1, (os.cpu_count() or 1) // env.local_world - 2)
+    batches = None if run.finished or cfg.eval_only else \
         held.enter_context(closing(loader.Batches(train_path, job, cfg.loader, n_workers, get_batch)))
 
     def next_batch():   # on the device, with its number of targets and its FLOPs
         x, y, hyper, n_bytes = batches.next()
         return (*loader.to_device(x, y, hyper, device), n_bytes, int((y >= 0).sum()),
-                flops_per_batch(raw_model, *x.shape, hyper))
+                flops_per_batch(run.raw_model, *x.shape, hyper))
 
-    def save():   # log.json first: a log ahead of the checkpoint is cut back on resume
-        nonlocal saved_iter
-        outdir.write_log(cfg.out_dir, log)
-        if iter_num > saved_iter:
-            state, lora = adapt.plain_state(raw_model)
-            outdir.save_checkpoint({"model": state, "model_args": asdict(raw_model.config), "config": asdict(cfg),
-                                    "optimizer": optimizer.state_dict(), "iter_num": iter_num,
-                                    "best_val_loss": best_val_loss, "train_seconds": train_seconds,
-                                    "val": metrics, "lora": lora}, cfg.out_dir)
-            saved_iter = iter_num
-
-    start_iter = saved_iter = iter_num
-    history, metrics, stop, meter = [], None, False, Meter(device)
-    losses = {"lm": 0.0, "recon": 0.0}
-    batch, t_start = batches and next_batch(), time.perf_counter()
+    meter, losses = Meter(device), {"lm": 0.0, "recon": 0.0}
+    batch, run.t_start = batches and next_batch(), time.perf_counter()
     while True:
-        stop = interrupt.requested
-        if ddp:   # every rank stops, and sets its LR, as the others do
-            t = torch.tensor([train_seconds, stop], dtype=torch.float64, device=device)
+        run.stop = run.interrupt.requested
+        if env.ddp:   # every rank stops, and sets its LR, as the others do
+            t = torch.tensor([run.train_seconds, run.stop], dtype=torch.float64, device=device)
             torch.distributed.all_reduce(t, torch.distributed.ReduceOp.MAX)
-            train_seconds, stop = t.tolist()
-        if stop:
+            run.train_seconds, run.stop = t.tolist()
+        if run.stop:
             break
-        lr = get_lr(cfg, iter_num, train_seconds)
+        lr = get_lr(cfg, run.iter_num, run.train_seconds)
         for group in optimizer.param_groups:
             group["lr"] = lr
-        done = iter_num >= cfg.max_iters or 0 < cfg.max_seconds <= train_seconds
-        if iter_num % cfg.eval_interval == 0 or done or cfg.eval_only:
-            metrics = estimate_loss(raw_model, windows, cfg.batch_size, ctx, rank, world, cfg.compile, cfg.eval_beam)
-            best_val_loss = min(best_val_loss, metrics["loss"])
-            if master:
-                multiview = f" (multi-view, beam {cfg.eval_beam}: {metrics['bpb_multiview']:.4f})" if cfg.eval_beam else ""
-                print(f"step {iter_num}: val loss {metrics['loss']:.4f}, {metrics['bpb']:.4f} bits per byte{multiview}, "
-                      f"{metrics['ratio']:.3f} codes per base token ({metrics['bytes_per_code']:.2f} bytes per code)")
-            if writes:
-                log["evals"] = [e for e in log["evals"] if e["iter"] < iter_num] + \
-                    [{"iter": iter_num, "train_seconds": train_seconds, **metrics}]
-                save()
+        done = run.iter_num >= cfg.max_iters or 0 < cfg.max_seconds <= run.train_seconds
+        if run.iter_num % cfg.eval_interval == 0 or done or cfg.eval_only:
+            evaluate(env, run, windows)
         if done or cfg.eval_only:
             break
         t0, c0 = time.perf_counter(), time.process_time()
         for micro in range(accum):
             x, y, hyper, n_bytes, n_codes, flops = batch
-            if ddp:   # sync gradients on the last micro-step only
+            if env.ddp:   # sync gradients on the last micro-step only
                 model.require_backward_grad_sync = micro == accum - 1
             # dropout and the reconstruction subsample are a function of the step, like the data
-            torch.manual_seed(int(step_rng(cfg.seed, rank, iter_num, micro, 1).integers(2**62)))
-            with ctx:
-                _, loss = model(x, y, hyper=hyper)
+            torch.manual_seed(int(step_rng(cfg.seed, env.rank, run.iter_num, micro, 1).integers(2**62)))
+            with env.ctx:
+                _, loss, parts = model(x, y, hyper=hyper, with_parts=True)
                 loss = loss / accum
             batch = next_batch()            # built in the background meanwhile
             scaler.scale(loss).backward()
             meter.add(codes=n_codes * world, bytes=n_bytes * world, flops=flops)
             for k in losses:
-                losses[k] += raw_model.last_losses.get(k, torch.zeros(())) / accum
+                losses[k] += parts.get(k, torch.zeros(())) / accum
         if cfg.grad_clip > 0:
             scaler.unscale_(optimizer)
             torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip)
@@ -476,68 +517,81 @@ def _main(argv, held):
         optimizer.zero_grad(set_to_none=True)
         loader.release_freed_memory()
         dt = time.perf_counter() - t0
-        train_seconds += dt
+        run.train_seconds += dt
         meter.add(seconds=dt, cpu=time.process_time() - c0)
-        iter_num += 1
-        if iter_num % cfg.log_interval == 0 or iter_num == start_iter + 1:
-            n = iter_num - (history[-1][0] if history else start_iter)
-            lm, recon = (float(losses[k]) / n for k in ("lm", "recon"))
-            if not math.isfinite(lm):   # training data is canonical: no target may ever be masked
-                raise SystemExit(f"error: step {iter_num}: the training loss is {lm}: a target lies outside the "
-                                 f"model's output vocabulary (masked -inf); the batches are not the model's own codes")
-            history.append((iter_num, lm, recon))
-            log["train"].append({"iter": iter_num, "train_seconds": train_seconds, "loss": lm, "recon": recon})
-            if master:
-                now = time.perf_counter()
-                wall, eta = now - t_start, ""                   # evaluations included
-                if iter_num == start_iter + 1:   # the first step warms up (compilation, first batches):
-                    first_done = now, meter.total["seconds"]    # the ETA is timed from the steps after it
-                else:
-                    since = now - first_done[0]
-                    left = (cfg.max_iters - iter_num) * since / (iter_num - start_iter - 1)
-                    if cfg.max_seconds > 0:   # the time budget counts training steps only
-                        steps = max(meter.total["seconds"] - first_done[1], 1e-9)
-                        left = min(left, (cfg.max_seconds - train_seconds) * since / steps)
-                    eta = f", ETA {hms(left)}"
-                built = cfg.loader != "sync" and batches.speed()      # codes/s the workers can build
-                print(f"iter {iter_num}: loss {lm:.4f}" + (f", recon {recon:.4f}" if mconf.hyper else "") +
-                      f", lr {lr:.2e}, {1000 * dt:.0f} ms, {meter.report(built, world)}; "
-                      f"{hms(wall)} elapsed{eta}")
+        run.iter_num += 1
+        if run.iter_num % cfg.log_interval == 0 or run.iter_num == run.start_iter + 1:
+            log_progress(env, run, losses, lr, dt, meter, batches)
             losses = {k: 0.0 for k in losses}
+    return meter
 
-    # -------------------------------------------------------------------------- the end: summary, sample
-    total = meter.total
+
+def log_progress(env, run, losses, lr, dt, meter, batches):
+    """The mean losses since the last log line into the log; on rank 0 a line with speed and ETA."""
+    cfg, it = env.cfg, run.iter_num
+    n = it - (run.history[-1][0] if run.history else run.start_iter)
+    lm, recon = (float(losses[k]) / n for k in ("lm", "recon"))
+    if not math.isfinite(lm):   # training data is canonical: no target may ever be masked
+        raise SystemExit(f"error: step {it}: the training loss is {lm}: a target lies outside the "
+                         f"model's output vocabulary (masked -inf); the batches are not the model's own codes")
+    run.history.append((it, lm, recon))
+    run.log["train"].append({"iter": it, "train_seconds": run.train_seconds, "loss": lm, "recon": recon})
+    if not env.master:
+        return
+    now = time.perf_counter()
+    wall, eta = now - run.t_start, ""                   # evaluations included
+    if it == run.start_iter + 1:   # the first step warms up (compilation, first batches):
+        run.first_done = now, meter.total["seconds"]    # the ETA is timed from the steps after it
+    else:
+        since = now - run.first_done[0]
+        left = (cfg.max_iters - it) * since / (it - run.start_iter - 1)
+        if cfg.max_seconds > 0:   # the time budget counts training steps only
+            steps = max(meter.total["seconds"] - run.first_done[1], 1e-9)
+            left = min(left, (cfg.max_seconds - run.train_seconds) * since / steps)
+        eta = f", ETA {hms(left)}"
+    built = cfg.loader != "sync" and batches.speed()      # codes/s the workers can build
+    print(f"iter {it}: loss {lm:.4f}" + (f", recon {recon:.4f}" if env.mconf.has_hypertokens else "") +
+          f", lr {lr:.2e}, {1000 * dt:.0f} ms, {meter.report(built, env.world)}; {hms(wall)} elapsed{eta}")
+
+
+# -------------------------------------------------------------------------- the end: summary, sample
+
+
+def finish(env, run, meter):
+    """Save an interrupted run, say what was done, write a sample; the figures main returns."""
+    cfg, ckpt_path, it, total = env.cfg, env.ckpt_path, run.iter_num, meter.total
     codes_s, bytes_s = (total[k] / max(total["seconds"], 1e-9) for k in ("codes", "bytes"))
-    if writes and stop:
-        save()
-        print(f"stopped at step {iter_num}, saved in {ckpt_path}; to continue: "
-              f"{outdir.resume_command(cfg.out_dir, world)}" if saved_iter == iter_num and os.path.exists(ckpt_path)
-              else f"stopped at step {iter_num}: nothing to save")
-    elif master and total["seconds"] > 0:
-        print(f"trained {iter_num - start_iter} steps in {total['seconds']:.0f} s ({total['cpu']:.0f} s of CPU): "
-              f"{codes_s:,.0f} codes/s, {bytes_s:,.0f} bytes of text/s; val {metrics['bpb']:.4f} bits per byte at "
-              f"{metrics['ratio']:.3f} codes per base token; checkpoint {ckpt_path}")
-    elif master and finished and ckpt and not cfg.eval_only:
-        limit, more = (f"--max_iters={cfg.max_iters}", f"--max_iters={2 * iter_num}") if iter_num >= cfg.max_iters \
+    if env.writes and run.stop:
+        save(env, run)
+        print(f"stopped at step {it}, saved in {ckpt_path}; to continue: "
+              f"{outdir.resume_command(cfg.out_dir, env.world)}" if run.saved_iter == it and os.path.exists(ckpt_path)
+              else f"stopped at step {it}: nothing to save")
+    elif env.master and total["seconds"] > 0:
+        print(f"trained {it - run.start_iter} steps in {total['seconds']:.0f} s ({total['cpu']:.0f} s of CPU): "
+              f"{codes_s:,.0f} codes/s, {bytes_s:,.0f} bytes of text/s; val {run.metrics['bpb']:.4f} bits per byte at "
+              f"{run.metrics['ratio']:.3f} codes per base token; checkpoint {ckpt_path}")
+    elif env.master and run.finished and env.ckpt and not cfg.eval_only:
+        limit, more = (f"--max_iters={cfg.max_iters}", f"--max_iters={2 * it}") if it >= cfg.max_iters \
             else (f"--max_seconds={cfg.max_seconds:g}", f"--max_seconds={2 * cfg.max_seconds:g}")
-        print(f"{ckpt_path} is at step {iter_num}: {limit} is reached, nothing to train. To train longer: "
-              f"{outdir.resume_command(cfg.out_dir, world, more)}")
-    elif master and finished and not cfg.eval_only:
+        print(f"{ckpt_path} is at step {it}: {limit} is reached, nothing to train. To train longer: "
+              f"{outdir.resume_command(cfg.out_dir, env.world, more)}")
+    elif env.master and run.finished and not cfg.eval_only:
         print(f"--max_iters={cfg.max_iters}: evaluated the model as it starts, trained nothing, saved nothing")
-    if master and cfg.sample_tokens > 0 and not stop:
-        interrupt.restore()                 # Ctrl-C now just ends the process: all is saved
+    if env.master and cfg.sample_tokens > 0 and not run.stop:
+        run.interrupt.restore()             # Ctrl-C now just ends the process: all is saved
         torch.manual_seed(cfg.seed)
-        raw_model.eval()
-        with ctx:
-            codes = raw_model.generate([[EOT]], cfg.sample_tokens, temperature=0.8, top_k=200, compile=cfg.compile)[0]
+        run.raw_model.eval()
+        with env.ctx:
+            codes = fastgen.generate(run.raw_model, [[EOT]], cfg.sample_tokens, temperature=0.8, top_k=200,
+                                     compile=cfg.compile)[0]
         print(f"sample ({cfg.sample_tokens} codes):")
-        print(cli.show(tokenizer, codes[1:], color=sys.stdout.isatty()))
-    if ddp:
+        print(cli.show(env.tokenizer, codes[1:], color=sys.stdout.isatty()))
+    if env.ddp:
         torch.distributed.barrier()     # rank 0 may still be saving: nobody leaves before it is done
         torch.distributed.destroy_process_group()
-    if stop:
+    if run.stop:
         raise SystemExit(130)           # interrupted: not a success (the shell's code for Ctrl-C)
-    return {"history": history, "val": metrics, "iter_num": iter_num, "train_seconds": train_seconds,
+    return {"history": run.history, "val": run.metrics, "iter_num": it, "train_seconds": run.train_seconds,
             "codes_per_s": codes_s, "bytes_per_s": bytes_s, "cpu_seconds": total["cpu"]}
 
 

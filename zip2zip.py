@@ -20,12 +20,16 @@ With max_subtokens=1 nothing is ever merged and the model is exactly a plain GPT
 Reference: Geng et al., "zip2zip: Inference-Time Adaptive Tokenization via Online Compression",
 NeurIPS 2025, arXiv 2506.01084. The exact codec and output vocabulary are in DESIGN.md.
 
-Layout: the LZW codec, the tokenizer, then the model and its decoder. (Settings, checkpoints and
-reports for the scripts are in cli.py and efficiency.py.)
+Layout: the LZW codec, the tokenizer, the hyper-encoder, attention, MLP, Block, the config, and
+the model: forward and its losses, likelihoods, and generation one code at a time (Stepper).
+Beside it: fastgen.py (the same generation, batched and compiled), kernels.py (fused lookups),
+multiview.py (likelihoods summed over segmentations); the scripts' plumbing is in lib/.
 """
 
 import math
+import os
 from dataclasses import dataclass, fields, replace
+from typing import NamedTuple
 
 import numpy as np
 
@@ -164,17 +168,14 @@ class LZW:
 
     def trace(self, codes):
         """Decode codes; after each, record the number of installed entries, the code of the
-        current match (-1: none), and whether the pending id (see pending()) exists. The fast
-        path of push() + pending() for whole sequences (the model needs them at every position)."""
-        V, C, edges, entries, sink = self.V, self.C, self.edges, self.entries, []
-        n_after, match_after, pending_after = [], [], []
+        current match (-1: none) and the pending content (pending(); None when there is no pending
+        id). What the model needs at every position of a row (hyper_batch)."""
+        n_after, match_after, pending_after, sink = [], [], [], []
         for t, code in enumerate(codes):
-            self.feed(self.resolve(code, t) if code >= V else (code,), sink)
-            n, cur = len(entries), self.code
-            first = cur if cur < V else entries[cur - V][0]
-            n_after.append(n)
-            match_after.append(cur)
-            pending_after.append(cur >= 0 and n < C and cur * V + first not in edges)
+            self.feed(self.resolve(code, t) if code >= self.V else (code,), sink)
+            n_after.append(len(self.entries))
+            match_after.append(self.code)
+            pending_after.append(self.pending())
         return n_after, match_after, pending_after
 
     def push(self, code, position=None):
@@ -250,27 +251,38 @@ def lzw_decode(codes, vocab_size, max_codebook_size, max_subtokens, disabled_ids
     return ids
 
 
-def lzw_encode_window(ids, start, n_codes, vocab_size, max_codebook_size, max_subtokens,
-                      disabled_ids=()):
-    """The first n_codes codes of the canonical encoding of ids[start:], fresh codebook.
-
-    Returns (codes, n_base): n_base is how many base ids the codes stand for, so the next
-    window can start at start + n_base and no text is lost between windows. Fewer codes come
-    back only where the input runs out.
-    """
-    lzw, out, pos = LZW(vocab_size, max_codebook_size, max_subtokens, disabled_ids), [], start
-    while len(out) < n_codes and pos < len(ids):
-        # Each code covers at least one base id, so this many more never overshoots by much.
-        chunk = base_ids(ids[pos:pos + n_codes - len(out)], vocab_size, pos)
-        lzw.feed(chunk, out)
-        pos += len(chunk)
-    if pos >= len(ids):
-        lzw.flush(out)
-    codes = out[:n_codes]
-    return codes, sum(len(lzw.content(c)) for c in codes)
-
 # -----------------------------------------------------------------------------
 # Tokenizer: text -> GPT-2 BPE base ids (tiktoken r50k_base) -> LZW codes, and back
+
+RANKS = os.path.join(os.path.dirname(os.path.abspath(__file__)), "data", "r50k_base.tiktoken")
+RANKS_SHA256 = "306cd27f03c1a714eca7108e03d66b7dc042abe8c258b44c199a7ed9838dd930"
+
+
+def gpt2_bpe(path=None):
+    """GPT-2's BPE as a tiktoken Encoding (r50k_base), built from the ranks file shipped in this
+    repository (OpenAI's, MIT licensed: data/r50k_base.LICENSE), so that nothing is ever
+    downloaded. Same ids as tiktoken.get_encoding("r50k_base"). OSError with the path if the file
+    is missing or damaged."""
+    import base64
+    import hashlib
+
+    import tiktoken
+    from tiktoken_ext import openai_public
+    path = path or RANKS
+    try:
+        with open(path, "rb") as f:
+            data = f.read()
+    except OSError as e:
+        raise OSError(f"GPT-2's BPE ranks (r50k_base) are missing: {e}; they ship with the repository "
+                      f"as data/r50k_base.tiktoken (restore it with git checkout)") from None
+    if hashlib.sha256(data).hexdigest() != RANKS_SHA256:
+        raise OSError(f"{path} is damaged (its sha256 is not r50k_base's): restore it with git checkout")
+    ranks = {base64.b64decode(tok): int(rank) for tok, rank in (line.split() for line in data.splitlines() if line)}
+    # the split pattern as tiktoken writes it (older versions inline it in their gpt2 definition)
+    pattern = getattr(openai_public, "r50k_pat_str",
+                      r"""'(?:[sdmt]|ll|ve|re)| ?\p{L}+| ?\p{N}+| ?[^\s\p{L}\p{N}]+|\s+(?!\S)|\s+""")
+    return tiktoken.Encoding("r50k_base", pat_str=pattern, mergeable_ranks=ranks,
+                             special_tokens={"<|endoftext|>": 50256}, explicit_n_vocab=50257)
 
 
 class Tokenizer:
@@ -281,7 +293,6 @@ class Tokenizer:
     """
 
     def __init__(self, max_subtokens=4, max_codebook_size=1024, no_digit_merges=False):
-        from data.common import gpt2_bpe   # GPT-2's ranks, shipped in data/
         self.bpe = gpt2_bpe()
         self.vocab_size = self.bpe.n_vocab
         self.eot = self.bpe.eot_token
@@ -326,9 +337,6 @@ import torch  # noqa: E402
 import torch.nn as nn  # noqa: E402
 from torch.nn import functional as F  # noqa: E402
 
-import kernels  # noqa: E402
-
-
 # -----------------------------------------------------------------------------
 # What the model needs to know about each row's codebook, position by position
 #
@@ -337,18 +345,18 @@ import kernels  # noqa: E402
 # content (if any). The hyper-encoder output depends only on an entry's base ids, so contents
 # are deduplicated across the whole batch and encoded once. Example (V=100, M=4), row [7, 100]:
 #   after 7: n=0, match 7, pending (7,7) | after 100: n=1 (100=[7,7]), match 100, pending (7,7,7)
-#   contents [(7,7), (7,7,7)]; entries[0] = [0]; parents[0] = [7]; pending[0] = [0, 1]
+#   contents [(7,7), (7,7,7)]; entries[0] = [0]; parents[0] = [7]; pending_index[0] = [0, 1]
 
 
 @dataclass
 class HyperBatch:
-    contents: "torch.Tensor"     # (U, M) int64: unique base-id contents, padded with 0
-    lengths: "torch.Tensor"      # (U,) int64: their lengths, 2..M
-    entries: "torch.Tensor"      # (B, K) int64: row b's hypertoken V+j is contents[entries[b, j]]
-    parents: "torch.Tensor"      # (B, K) int64: the code entry j extended by one base id; -2: pad
-    n_installed: "torch.Tensor"  # (B, T) int64: entries installed after reading codes 0..t
-    match: "torch.Tensor"        # (B, T) int64: code of the encoder's current match after t; -1: none
-    pending: "torch.Tensor"      # (B, T) int64: index of the pending content after t, or -1
+    contents: "torch.Tensor"       # (U, M) int64: unique base-id contents, padded with 0
+    lengths: "torch.Tensor"        # (U,) int64: their lengths, 2..M
+    entries: "torch.Tensor"        # (B, K) int64: row b's hypertoken V+j is contents[entries[b, j]]
+    parents: "torch.Tensor"        # (B, K) int64: the code entry j extended by one base id; -2: pad
+    n_installed: "torch.Tensor"    # (B, T) int64: entries installed after reading codes 0..t
+    match: "torch.Tensor"          # (B, T) int64: code of the encoder's current match after t; -1: none
+    pending_index: "torch.Tensor"  # (B, T) int64: index in contents of the pending content after t; -1: none
 
     def to(self, device):
         """On `device`; through pinned memory to a GPU, so that the copies are asynchronous."""
@@ -367,19 +375,15 @@ def hyper_batch(rows, vocab_size, max_codebook_size, max_subtokens, disabled_ids
             contents.append(c)
         return index[c]
 
-    entries, parents, n_installed, matches, pending = [], [], [], [], []
+    entries, parents, n_installed, matches, pending_index = [], [], [], [], []
     for row in rows:
         lzw = LZW(vocab_size, max_codebook_size, max_subtokens, disabled_ids)
-        n_row, match, has_pending = lzw.trace(row)
-        ids = {}                           # match code -> index of its pending content
-        for m in {m for m, p in zip(match, has_pending) if p}:
-            buf = lzw.content(m)
-            ids[m] = content_id(buf + (buf[0],))
+        n_row, match, pending = lzw.trace(row)
         entries.append([content_id(e) for e in lzw.entries])
         parents.append(lzw.parents)
         n_installed.append(n_row)
         matches.append(match)
-        pending.append([ids[m] if p else -1 for m, p in zip(match, has_pending)])
+        pending_index.append([-1 if p is None else content_id(p) for p in pending])
     K, M, B = max((len(e) for e in entries), default=0), max_subtokens, len(rows)
     tensor = lambda a, *shape: torch.from_numpy(np.array(a, dtype=np.int64).reshape(shape))
     return HyperBatch(
@@ -389,7 +393,7 @@ def hyper_batch(rows, vocab_size, max_codebook_size, max_subtokens, disabled_ids
         parents=tensor([p + [-2] * (K - len(p)) for p in parents], B, K),
         n_installed=tensor(n_installed, B, -1),
         match=tensor(matches, B, -1),
-        pending=tensor(pending, B, -1))
+        pending_index=tensor(pending_index, B, -1))
 
 
 # -----------------------------------------------------------------------------
@@ -422,17 +426,17 @@ class SelfAttention(nn.Module):
         # mask: (B, 1, T, Tk) bool, True where attention is allowed. cache: (k, v, slots) for
         # decoding: this layer's (B, nh, block_size, hs) caches and the (B, T) slots where this
         # call's keys and values go; attention then reads the whole cache, under the mask.
-        B, T, C = x.size()
-        q, k, v = self.c_attn(x).split(C, dim=2)
-        q, k, v = (z.view(B, T, self.n_head, C // self.n_head).transpose(1, 2) for z in (q, k, v))  # (B, nh, T, hs)
+        B, T, d = x.size()                                              # d: n_embd
+        q, k, v = self.c_attn(x).split(d, dim=2)
+        q, k, v = (z.view(B, T, self.n_head, d // self.n_head).transpose(1, 2) for z in (q, k, v))  # (B, nh, T, hs)
         if cache is not None:
             k_cache, v_cache, slots = cache
-            at = slots[:, None, :, None].expand(B, self.n_head, T, C // self.n_head)
+            at = slots[:, None, :, None].expand(B, self.n_head, T, d // self.n_head)
             k, v = k_cache.scatter_(2, at, k), v_cache.scatter_(2, at, v)   # (B, nh, block_size, hs)
         dropout = self.dropout if self.training else 0.0
         causal = self.causal and mask is None
         y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, dropout_p=dropout, is_causal=causal)
-        y = y.transpose(1, 2).contiguous().view(B, T, C)                # (B, T, C)
+        y = y.transpose(1, 2).contiguous().view(B, T, d)                # (B, T, d)
         return self.resid_dropout(self.c_proj(y))
 
 
@@ -461,6 +465,40 @@ class Block(nn.Module):
         return x + self.mlp(self.ln_2(x))
 
 
+# The two embedding lookups, in plain PyTorch. kernels.py fuses each into one Triton kernel,
+# tested equal to these, and kernels.use_kernels(model) swaps them in (train.py does on a GPU).
+
+
+def embed_codes(idx, wte, table, vocab_size):
+    """out[b, t] = wte[idx[b, t]] if idx[b, t] < vocab_size else table[b, idx[b, t] - vocab_size].
+
+    idx (B, T) codes, wte (V, d), table (B, K, d) each row's hyper-embeddings -> (B, T, d).
+    Boolean masks pick which positions read which table, so each position is looked up once.
+    (Concatenating the tables into one F.embedding would copy all of wte every step.)
+    Example, V=3: idx [[0, 3, 2]] -> [[wte[0], table[0, 0], wte[2]]].
+    """
+    B, T = idx.shape
+    table = table.to(wte.dtype)      # the hyper-encoder may run in another precision (autocast)
+    base = idx < vocab_size                                          # (B, T)
+    row = torch.arange(B, device=idx.device)[:, None].expand(B, T)  # (B, T) row of each position
+    out = wte.new_empty(B, T, wte.size(1))                           # (B, T, d)
+    out[base] = wte[idx[base]]
+    out[~base] = table[row[~base], idx[~base] - vocab_size]
+    return out
+
+
+def embed_slots(contents, lengths, wte, slot_pos):
+    """out[n, s] = wte[contents[n, s]] + slot_pos[s] for s < lengths[n], else exactly 0: the
+    hyper-encoder's input. contents (N, M) base ids (pads hold any valid id), lengths (N,) in
+    1..M, wte (V, d), slot_pos (M, d) -> (N, M, d).
+    Example: contents [[5, 7, 0]], lengths [2] -> [[wte[5] + p[0], wte[7] + p[1], 0]].
+    """
+    N, M = contents.shape
+    pad = torch.arange(M, device=contents.device) >= lengths[:, None]   # (N, M)
+    x = F.embedding(contents, wte) + slot_pos.to(wte.dtype)            # (N, M, d)
+    return x.masked_fill(pad[..., None], 0.0)   # pads are exactly 0 and pass no gradient on
+
+
 class HyperEncoder(nn.Module):
     """Embeds a hypertoken from the embeddings of its base tokens (config.hyper_encoder):
 
@@ -478,6 +516,7 @@ class HyperEncoder(nn.Module):
         super().__init__()
         self.kind, M, d, dh = config.hyper_encoder, config.max_subtokens, config.n_embd, config.hyper_n_embd
         self.register_buffer("slots", torch.arange(M), persistent=False)   # 0..M-1
+        self.embed_slots = embed_slots      # the plain lookup (kernels.use_kernels: a fused one)
         if self.kind == "mean":
             return
         self.slot_pos = nn.Parameter(torch.randn(M, d) * 0.02)
@@ -497,7 +536,7 @@ class HyperEncoder(nn.Module):
         w = ((self.slots < lengths[:, None]) / lengths[:, None]).to(table.dtype)  # (U, M): mean weights, pads 0
         if self.kind == "mean":
             return torch.einsum("um,umd->ud", w, F.embedding(contents, table))
-        x = kernels.gather_slots(contents, lengths, table, self.slot_pos)   # (U, M, d), pads are 0
+        x = self.embed_slots(contents, lengths, table, self.slot_pos)      # (U, M, d), pads are 0
         mean = torch.einsum("um,umd->ud", w, x - self.slot_pos.to(x.dtype))  # (U, d): of the base embeddings
         if self.kind == "mlp":
             # (U, M * d), spelled out: view(U, -1) cannot size a batch with no contents (U = 0)
@@ -512,37 +551,35 @@ class HyperEncoder(nn.Module):
         return mean + self.proj(torch.einsum("um,umd->ud", w, self.ln_f(h)))
 
 
-def join_logits(base, x, table, pending, n, has_pending, canon=None):
-    """Next-code logits over the exact causal vocabulary (DESIGN.md 2) and, with canon, only the
-    canonical codes (DESIGN.md 2.1), for T positions at once (training, scoring); decode_step
-    applies the same rules to one position, where the pending vector lives in the table.
+class Canon(NamedTuple):
+    """What the canonical mask (DESIGN.md 2.1) needs to know at a position (leading shape ...),
+    about the encoder's current match and each hyper column j of the logits."""
+    match: torch.Tensor    # (...) the code of the encoder's current match; -1: none
+    parent: torch.Tensor   # (..., K + 1) the code column j's entry extended by one base id;
+                           #   -2 where column j holds no installed entry (nobody's child)
+    first: torch.Tensor    # (..., K + 1) the first base id of column j's code
+    last: torch.Tensor     # (..., K + 1) its last base id
 
-    base (B, T, V) base logits (masked in place); x (B, T, d) hidden states; table (B, K, d)
-    each row's entry vectors; pending (B, T, d) the vector of the pending content, has_pending
-    (B, T) whether it exists; n (B, T) entries installed. canon: (match (B, T), parents, first,
-    last (B, K)): the code of the encoder's current match, and each entry's trie parent, first
-    and last base id. Returns (B, T, V + K + 1): column V + j scores entry j for j < n, column
-    V + n the pending id, every other column -inf.
+
+def vocabulary_logits_(base, hyper_logits, invalid, canon=None):
+    """The next-code logits over the exact vocabulary (DESIGN.md 2) and, with canon, only the
+    canonical codes (DESIGN.md 2.1): the one rule of training, scoring and decoding.
+
+    base (..., V): the base logits, masked in place (hence the underscore); hyper_logits (..., K + 1):
+    the hypertoken logits, column j < n entry j and column n the pending id (n: the entries
+    installed); invalid (..., K + 1): the columns that are no valid code (j > n, and n when no
+    pending id exists). Returns (..., V + K + 1): column V + j is hypertoken V + j, every invalid
+    or non-canonical code -inf.
     """
-    B, T, _ = x.size()
-    K = table.size(1)
-    pend = torch.einsum("btd,btd->bt", x, pending)[..., None]             # (B, T, 1)
-    hyper = torch.cat([x @ table.transpose(1, 2), pend], dim=-1)           # (B, T, K + 1)
-    col, n = torch.arange(K + 1, device=x.device), n[..., None]
-    hyper = torch.where(col == n, pend, hyper)                             # the pending id is V + n
-    valid = (col < n) | ((col == n) & has_pending[..., None])
     if canon is not None:
-        match, parents, first, last = canon
         # The children of the current match (installed entries that extend it by one base id):
         # the greedy encoder would have kept matching into them, so their last base ids cannot
-        # start the next code, and nor can any entry that starts with one of those base ids.
-        child = (parents[:, None, :] == match[..., None]) & (col[:K] < n)  # (B, T, K)
-        banned = torch.zeros_like(child, dtype=base.dtype).masked_fill_(child, float("-inf"))
-        base.scatter_add_(-1, last[:, None, :].expand(B, T, K), banned)    # -inf at those base ids
-        # (column n is the pending id, not entry n: a row with fewer than K entries has a later
-        # entry, or a pad, in that column, whose first base id says nothing of the pending one)
-        valid[..., :K] &= (base.gather(-1, first[:, None, :].expand(B, T, K)) != float("-inf")) | (col[:K] == n)
-    return torch.cat([base, hyper.masked_fill(~valid, float("-inf"))], dim=-1)
+        # start the next code, and nor can any hypertoken that starts with one of those base ids.
+        # (log 1 = 0 and log 0 = -inf: the ban, in the logits' dtype, in three ops.)
+        ban = (canon.parent != canon.match[..., None]).to(base.dtype).log()    # (..., K + 1)
+        base.scatter_add_(-1, canon.last, ban)                                 # -inf at those base ids
+        invalid = invalid | (base.gather(-1, canon.first) == float("-inf"))
+    return torch.cat([base, hyper_logits.masked_fill(invalid, float("-inf"))], dim=-1)
 
 
 def token_nll(logits, targets):
@@ -596,8 +633,8 @@ class GPTConfig:
             raise ValueError(f"hyper_n_embd={self.hyper_n_embd} is not a multiple of hyper_n_head={self.hyper_n_head}")
 
     @property
-    def hyper(self):
-        return self.max_subtokens > 1
+    def has_hypertokens(self):
+        return self.max_subtokens > 1     # M=1: nothing ever merges, a plain GPT
 
 
 class GPT(nn.Module):
@@ -615,7 +652,8 @@ class GPT(nn.Module):
         self.lm_head = nn.Linear(config.n_embd, config.vocab_size, bias=False)
         if config.tie_weights:
             self.lm_head.weight = self.transformer.wte.weight
-        if config.hyper:   # M=1: no hypertokens, no extra parameters: exactly nanoGPT's GPT
+        self.embed_codes = embed_codes      # the plain lookup (kernels.use_kernels: a fused one)
+        if config.has_hypertokens:   # M=1: no hypertokens, no extra parameters: exactly nanoGPT's GPT
             self.hyper_in = HyperEncoder(config)
             self.hyper_out = self.hyper_in if config.tie_weights else HyperEncoder(config)
             # f_psi of the reconstruction loss: one linear map per slot, then the base unembedding
@@ -624,12 +662,11 @@ class GPT(nn.Module):
         for pn, p in self.named_parameters():
             if pn.endswith("c_proj.weight"):   # GPT-2's scaled init of residual projections
                 torch.nn.init.normal_(p, mean=0.0, std=0.02 / math.sqrt(2 * config.n_layer))
-        if config.hyper:
+        if config.has_hypertokens:
             for enc in {self.hyper_in, self.hyper_out}:
                 if hasattr(enc, "proj"):
                     nn.init.zeros_(enc.proj.weight)
             nn.init.normal_(self.recon, std=1 / math.sqrt(config.n_embd))
-        self.last_losses = {}
 
     def _init_weights(self, module):
         if isinstance(module, nn.Linear):
@@ -661,56 +698,79 @@ class GPT(nn.Module):
             return h_in, h_in
         return h_in, self.hyper_out(contents, lengths, self.lm_head.weight)
 
-    def forward(self, idx, targets=None, hyper=None):
-        """idx (B, T) codes -> logits (B, T, V [+ K + 1]) and, with targets, the loss.
+    def forward(self, idx, targets=None, hyper=None, with_parts=False):
+        """idx (B, T) codes -> logits (B, T, V [+ K + 1]) and, with targets, the loss (else None).
 
         Column V + j is hypertoken V + j. hyper: the rows' HyperBatch; derived from idx if None,
         and then the targets are checked too (a loader's batches are valid by construction).
+        with_parts=True also returns the loss's parts, detached, as a third value: {"lm": the
+        mean NLL of the targets, "recon": the reconstruction loss, when there is one}.
         """
         c, device = self.config, idx.device
         B, T = idx.size()
         if T > c.block_size:
             raise ValueError(f"cannot forward {T} codes: block_size is {c.block_size}")
         wte = self.transformer.wte.weight
-        derived = c.hyper and hyper is None
+        derived = c.has_hypertokens and hyper is None
         if derived:
             hyper = self.hyper_batch(idx.tolist()).to(device)
-        if c.hyper:
+        if c.has_hypertokens:
             h_in, h_out = self.hyper_tables(hyper.contents, hyper.lengths)    # (U, d) each
             table_in = h_in[hyper.entries]                                    # (B, K, d)
         else:
             table_in = wte.new_zeros(B, 0, c.n_embd)
-        tok_emb = kernels.hyper_embedding(idx, wte, table_in, c.vocab_size)   # (B, T, d)
+        tok_emb = self.embed_codes(idx, wte, table_in, c.vocab_size)         # (B, T, d)
         pos_emb = self.transformer.wpe(torch.arange(T, device=device))        # (T, d)
         x = self.transformer.drop(tok_emb + pos_emb)
         for block in self.transformer.h:
             x = block(x)
         x = self.transformer.ln_f(x)
         logits = self.lm_head(x)                                              # (B, T, V)
-        if c.hyper:
-            table_out = table_in if c.tie_weights else h_out[hyper.entries]   # (B, K, d)
-            # pending vectors; -1 (no pending id) reads an appended row of zeros
-            pend = torch.cat([h_out, h_out.new_zeros(1, c.n_embd)])[hyper.pending]   # (B, T, d)
-            canon = None
-            if c.canonical:
-                ends = hyper.contents[hyper.entries]                          # (B, K, M)
-                last = ends.gather(-1, hyper.lengths[hyper.entries][..., None] - 1)[..., 0]
-                canon = (hyper.match, hyper.parents, ends[..., 0], last)
-            logits = join_logits(logits, x, table_out, pend, hyper.n_installed, hyper.pending >= 0, canon)
+        if c.has_hypertokens:
+            logits = self.exact_logits_(logits, x, hyper, h_out)             # (B, T, V + K + 1)
         if targets is None:
-            return logits, None
+            return (logits, None, {}) if with_parts else (logits, None)
         if derived:   # checked where it costs no extra device sync
             check_targets(logits, targets, hyper, c.vocab_size)
         lm_loss = token_nll(logits, targets).sum() / (targets >= 0).sum()
-        loss, self.last_losses = lm_loss, {"lm": lm_loss.detach()}
-        if c.hyper and c.recon_lambda > 0 and c.recon_max_entries > 0:
+        loss, parts = lm_loss, {"lm": lm_loss.detach()}
+        if c.has_hypertokens and c.recon_lambda > 0 and c.recon_max_entries > 0:
             # also on a batch with no contents, where it is 0: f_psi still gets a (zero) gradient,
             # which DDP waits for on every rank
             recon = self.reconstruction_loss(h_in, hyper.contents, hyper.lengths)
             loss = loss + c.recon_lambda * recon
             if hyper.contents.size(0) > 0:
-                self.last_losses["recon"] = recon.detach()
-        return logits, loss
+                parts["recon"] = recon.detach()
+        return (logits, loss, parts) if with_parts else (logits, loss)
+
+    def exact_logits_(self, base, x, hyper, h_out):
+        """The logits over each position's exact (and canonical) vocabulary (DESIGN.md 2, 2.1):
+        base (B, T, V), masked in place, joined with the scores of the row's installed entries and
+        its pending id. x (B, T, d) the final hidden states; h_out (U, d) the contents' output
+        hyper-embeddings. Returns (B, T, V + K + 1)."""
+        B, T, _ = x.size()
+        K = hyper.entries.size(1)
+        table = h_out[hyper.entries]                                          # (B, K, d)
+        # the pending id's vector; -1 (no pending id) reads an appended row of zeros
+        pending_vec = torch.cat([h_out, h_out.new_zeros(1, x.size(-1))])[hyper.pending_index]   # (B, T, d)
+        pending_logit = torch.einsum("btd,btd->bt", x, pending_vec)[..., None]                 # (B, T, 1)
+        hyper_logits = torch.cat([x @ table.transpose(1, 2), pending_logit], dim=-1)          # (B, T, K + 1)
+        col, n = torch.arange(K + 1, device=x.device), hyper.n_installed[..., None]            # (K + 1,), (B, T, 1)
+        hyper_logits = torch.where(col == n, pending_logit, hyper_logits)     # the pending id is V + n
+        invalid = col >= n + (hyper.pending_index >= 0)[..., None]            # (B, T, K + 1)
+        canon = None
+        if self.config.canonical:
+            ends = F.pad(hyper.contents[hyper.entries], (0, 0, 0, 1))         # (B, K + 1, M): column K a pad
+            lengths = F.pad(hyper.lengths[hyper.entries], (0, 1), value=1)   # (B, K + 1)
+            last = ends.gather(-1, lengths[..., None] - 1)[..., 0]            # (B, K + 1)
+            # column n is the pending id, not entry n: it is nobody's child, and its first base id
+            # is the match's (an entry is nobody's child before it is installed, either)
+            pending_first = torch.cat([hyper.contents[:, 0], hyper.contents.new_zeros(1)])[hyper.pending_index]
+            canon = Canon(match=hyper.match,
+                          parent=torch.where(col < n, F.pad(hyper.parents, (0, 1), value=-2)[:, None], -2),
+                          first=torch.where(col == n, pending_first[..., None], ends[:, None, :, 0]),
+                          last=last[:, None].expand(B, T, K + 1))
+        return vocabulary_logits_(base, hyper_logits, invalid, canon)
 
     def reconstruction_loss(self, h, contents, lengths):
         """The paper's auxiliary loss: each slot's base id from the hyper-embedding, by f_psi.
@@ -724,7 +784,7 @@ class GPT(nn.Module):
         return token_nll(logits, target).sum() / (target >= 0).sum().clamp(min=1)
 
     # -------------------------------------------------------------------------
-    # Likelihoods (DESIGN.md 2.2) and generation, through the KV-cached Decoder below
+    # Likelihoods (DESIGN.md 2.2); the multi-view sums over segmentations are in multiview.py
     #
     # A model writes on past any text, so the likelihood of a text is the probability that the
     # model's base tokens *start with* it. All the streams that spell a text and go on share their
@@ -744,8 +804,8 @@ class GPT(nn.Module):
         """Teacher-force each row of codes. Returns, per row, (lp, dist): lp (n-1,) the log-prob of
         code t given the codes before it, t = 1..n-1; dist (n - keep, W) the whole next-code
         log-distribution at positions t = keep..n-1 (the row's keep). Rows that fit the context
-        share one forward pass; a longer row is replayed through the KV-cached decoder, which
-        crops it as generation does."""
+        share one forward pass; a longer row is read by a Stepper, which crops it as generation
+        does."""
         c, out = self.config, []
         short = [i for i, r in enumerate(rows) if len(r) <= c.block_size + 1]
         if short:
@@ -758,12 +818,12 @@ class GPT(nn.Module):
                 lp = logp[short.index(i), :n - 1]                               # (n - 1, W): position t at t - 1
                 out.append((lp.gather(-1, torch.tensor(row[1:], device=lp.device)[:, None])[:, 0], lp[k - 1:]))
                 continue
-            dec, lp, dist = Decoder(self, [row[:1]], temperature=0), [], []   # greedy: no draws to waste
+            step, lp, dist = Stepper(self), [], []
+            width = c.vocab_size + (c.max_codebook_size + 1 if c.has_hypertokens else 0)   # every row's
             for t in range(1, n):
-                step = F.log_softmax(dec.logits[0].float(), dim=-1)
-                lp.append(step[row[t]])
-                dist += [step] if t >= k else []
-                dec.advance([row[t]])
+                logp = F.log_softmax(step.read(row[t - 1]).float(), dim=-1)
+                lp.append(logp[row[t]])
+                dist += [F.pad(logp, (0, width - logp.size(0)), value=float("-inf"))] if t >= k else []
             out.append((torch.stack(lp), torch.stack(dist)))
         return out
 
@@ -779,20 +839,14 @@ class GPT(nn.Module):
             return -lp.sum().item()
         return -(lp[:-1].sum() + dist[0, self.last_code_choices(codes)].logsumexp(0)).item()
 
-    def marginal_nll(self, ids, beam_size=16):
-        """Multi-view NLL (nats) that the text starts with base ids[1:], given ids[0], summed over
-        the code streams that spell it (DESIGN.md 5): see multiview.py."""
-        import multiview
-        return multiview.prefix_nlls(self, ids, [len(ids)], beam_size)[0]
-
     @torch.no_grad()
-    def loglikelihoods(self, context, continuations, beam_size=0):
+    def loglikelihoods(self, context, continuations):
         """[(log P(continuation | context) in nats, is_greedy)] for several continuations of one
         context (lists of base ids; the context's first id is the start, as in nll).
 
         log P(cont | ctx) = log P_prefix(ctx + cont) - log P_prefix(ctx) (DESIGN.md 2.2): exact for
-        a canonical model; with beam_size > 0 both are multi-view sums (multiview.py), exact for
-        any model when the beam holds every path. is_greedy (DESIGN.md 2.3): along the canonical
+        a canonical model (multiview.loglikelihoods sums over segmentations, for any model).
+        is_greedy (DESIGN.md 2.3): along the canonical
         codes of ctx + cont, from the context's last code on, each code is a most probable one
         there (at the context's last code, among the codes that spell the context's end; at the
         last, any code that spells the rest of the text counts). All continuations are read in
@@ -822,59 +876,56 @@ class GPT(nn.Module):
                 best = step[spell_ctx].max() if t == k - 1 else step.max()
                 greedy &= bool(step[spell_all if t == n - 1 else row[t]].max() >= best)
             out.append((logp.item(), greedy))
-        if beam_size > 0:
-            import multiview
-            out = [(nll_ctx - nll_all, greedy) for x, (_, greedy) in zip(conts, out)
-                   for nll_ctx, nll_all in [multiview.prefix_nlls(self, ctx + x, [len(ctx), len(ctx) + len(x)], beam_size)]]
         return out
 
-    def loglikelihood(self, context, continuation, beam_size=0):
+    def loglikelihood(self, context, continuation):
         """log P(continuation | context) in nats (base ids; see loglikelihoods)."""
-        return self.loglikelihoods(context, [continuation], beam_size)[0][0]
+        return self.loglikelihoods(context, [continuation])[0][0]
 
-    def score(self, text, tokenizer, beam_size=0):
-        """(NLL in nats, UTF-8 bytes) of a text after an <|endoftext|>: the prefix NLL of its canonical
-        codes (DESIGN.md 2.2), or with beam_size > 0 the multi-view NLL (marginal_nll). bits per
-        byte = nll / (ln 2 * bytes): the same text gives comparable numbers for a plain and a
-        zip2zip model, whatever their codes."""
+    def text_ids(self, text, tokenizer):
+        """<|endoftext|> and the base ids of a text, once the tokenizer is checked to be the model's."""
         c = self.config
         settings = (tokenizer.vocab_size, tokenizer.max_codebook_size, tokenizer.max_subtokens)
         if settings != (c.vocab_size, c.max_codebook_size, c.max_subtokens) or \
                 tokenizer.disabled_ids != frozenset(c.disabled_ids):
             raise ValueError(f"tokenizer (V, C, M) = {settings} and disabled ids do not match the model's "
                              f"{(c.vocab_size, c.max_codebook_size, c.max_subtokens)}")
-        ids = [tokenizer.eot] + tokenizer.encode_base(text)
-        nll = self.marginal_nll(ids, beam_size) if beam_size > 0 else \
-            self.nll(lzw_encode(ids, *settings, tokenizer.disabled_ids))
-        return nll, len(text.encode("utf-8"))   # a literal <|endoftext|> in the text is text: 13 bytes
+        return [tokenizer.eot] + tokenizer.encode_base(text)
+
+    def score(self, text, tokenizer):
+        """(NLL in nats, UTF-8 bytes) of a text after an <|endoftext|>: the prefix NLL of its canonical
+        codes (DESIGN.md 2.2; multiview.score sums over segmentations). bits per byte = nll / (ln 2
+        * bytes): the same text gives comparable numbers for a plain and a zip2zip model, whatever
+        their codes."""
+        c = self.config
+        codes = lzw_encode(self.text_ids(text, tokenizer), c.vocab_size, c.max_codebook_size, c.max_subtokens,
+                           c.disabled_ids)
+        return self.nll(codes), len(text.encode("utf-8"))   # a literal <|endoftext|> in the text is text: 13 bytes
 
     @property
     def device(self):
         return self.transformer.wte.weight.device
 
+    # -------------------------------------------------------------------------
+    # Generation, one code at a time (fastgen.py: the same, batched and compiled)
+
     @torch.no_grad()
-    def generate(self, idx, max_new_tokens, temperature=1.0, top_k=None, compile=False):
+    def generate(self, idx, max_new_tokens, temperature=1.0, top_k=None):
         """Continue each row of codes by max_new_tokens codes. idx: a (B, T) tensor, or a list of
         B lists of codes (prompts of different lengths). Returns the same kind, prompts included.
-        Everything it returns decodes; temperature 0 or top_k=1 is greedy. compile=True compiles
-        the decoding step once (one CUDA graph per step on a GPU)."""
-        if not 0 <= temperature < float("inf"):
-            raise ValueError(f"temperature must be >= 0 and finite (0 is greedy), got {temperature}")
-        if top_k is not None and top_k < 1:
-            raise ValueError(f"top_k must be >= 1, or None for every code; got {top_k}")
-        if max_new_tokens < 0:
-            raise ValueError(f"max_new_tokens must be >= 0, got {max_new_tokens}")
-        rows = idx.tolist() if torch.is_tensor(idx) else [as_ids(r, "prompt") for r in idx]
-        if not rows or any(len(r) == 0 for r in rows):
-            raise ValueError("generate needs at least one prompt and no empty prompt "
-                             "(start from <|endoftext|> for an unconditional sample)")
-        dec = Decoder(self, rows, temperature, top_k, compile)
-        for _ in range(max_new_tokens):
-            dead = [b for b, code in enumerate(dec.next) if code < 0]
-            if dead:   # only possible with a canonical model and no disabled id (DESIGN.md 2.1)
-                raise ValueError(f"row {dead[0]} has no valid next code: every code is masked")
-            dec.advance(dec.next)                                     # read the codes just chosen
-        out = dec.rows
+        Everything it returns decodes; temperature 0 or top_k=1 is greedy."""
+        rows, out = prompt_rows(idx, temperature, top_k, max_new_tokens), []
+        for b, row in enumerate(rows):       # rows never affect each other: one at a time
+            row, stepper = list(row), Stepper(self)
+            for code in row:                 # read the prompt: its codebook grows as it is read
+                logits = stepper.read(code)
+            for _ in range(max_new_tokens):
+                code = sample(logits[None], temperature, top_k).item()      # draw the next code
+                if code < 0:   # only possible with a canonical model and no disabled id (DESIGN.md 2.1)
+                    raise ValueError(f"row {b} has no valid next code: every code is masked")
+                row.append(code)
+                logits = stepper.read(code)  # read it: new entries, then the next code's logits
+            out.append(row)
         return torch.tensor(out, dtype=idx.dtype, device=idx.device) if torch.is_tensor(idx) else out
 
 
@@ -887,7 +938,7 @@ def check_targets(logits, targets, hyper, vocab_size):
     if not ok.all():
         b, t = (~ok).nonzero()[0].tolist()
         n = hyper.n_installed[b, t].item() if hyper is not None else 0
-        has = hyper is not None and hyper.pending[b, t].item() >= 0
+        has = hyper is not None and hyper.pending_index[b, t].item() >= 0
         code = targets[b, t].item()
         why = "it is not canonical: its first base token extends the encoder's match (DESIGN.md 2.1)" \
             if 0 <= code < vocab_size + n + has else \
@@ -895,8 +946,19 @@ def check_targets(logits, targets, hyper, vocab_size):
         raise ValueError(f"target {code} at row {b}, position {t} is not a valid next code there ({why})")
 
 
-# -----------------------------------------------------------------------------
-# KV-cached decoding: a static step, in the manner of gpt-fast (DESIGN.md 6)
+def prompt_rows(idx, temperature, top_k, max_new_tokens):
+    """The prompts of generate as lists of codes; ValueError for a setting it cannot use."""
+    if not 0 <= temperature < float("inf"):
+        raise ValueError(f"temperature must be >= 0 and finite (0 is greedy), got {temperature}")
+    if top_k is not None and top_k < 1:
+        raise ValueError(f"top_k must be >= 1, or None for every code; got {top_k}")
+    if max_new_tokens < 0:
+        raise ValueError(f"max_new_tokens must be >= 0, got {max_new_tokens}")
+    rows = idx.tolist() if torch.is_tensor(idx) else [as_ids(r, "prompt") for r in idx]
+    if not rows or any(len(r) == 0 for r in rows):
+        raise ValueError("generate needs at least one prompt and no empty prompt "
+                         "(start from <|endoftext|> for an unconditional sample)")
+    return rows
 
 
 def sample(logits, temperature, top_k):
@@ -924,191 +986,70 @@ def sample(logits, temperature, top_k):
     return nxt.masked_fill(dead, -1)
 
 
-def decode_step(model, state, packed, temperature, top_k):
-    """One decoding step of fixed-shape tensors, with no host sync: it compiles once.
+class Stepper:
+    """KV-cached reading of one row of codes, one code at a time: read(code) returns the logits of
+    the code after it, (V + n + 1,) with n installed hypertokens (V + n: the pending id).
 
-    packed (F,) int64 holds what each row's LZW decoder found when it read the code (see
-    Decoder._pack), field by field, each field for all B rows (so that every field is a
-    contiguous view and nothing is copied): the code as a base id (0 if it is none) and as a
-    table row (C if it is none), its slot in the KV cache (its position), n + 1 if a pending id
-    exists else n (n: the entries installed), the code of the encoder's current match; then the
-    M + 1 table rows to write (the entries the code installed, padded to the scratch row C, and
-    row n for the pending content), their (trie parent, first, last base id), and their contents
-    and lengths. state: the Decoder's tensors, written in place. Returns the next-code logits
-    (B, W) and a sampled next code per row (B,).
-    """
-    c, wte = model.config, model.transformer.wte.weight
-    B, M, S = state["rows"].size(0), c.max_subtokens, c.max_subtokens + 1
-    base_id, table_row, pos, n_plus, match = packed[:5 * B].view(5, B).unbind(0)     # (B,) each
-    x = wte[base_id]                                                                # (B, d)
-    if c.hyper:
-        slots, trie, contents, lengths = packed[5 * B:].split([B * S, B * S * 3, B * S * M, B * S])
-        slots, trie = slots.view(B, S), trie.view(B, S, 3)
-        # 1. encode the new entries and the pending content, write them into the row's tables:
-        # an entry at its row j, the pending vector at row n (its column V + n scores it)
-        h_in, h_out = model.hyper_tables(contents.view(B * S, M), lengths)          # (B * S, d)
-        rows = state["rows"]                                                        # (B, 1)
-        state["table_in"][rows, slots] = h_in.view(B, S, -1).to(state["table_in"].dtype)
-        if not c.tie_weights:
-            state["table_out"][rows, slots] = h_out.view(B, S, -1).to(state["table_out"].dtype)
-        state["trie"][rows, slots] = trie
-        # 2. every code's embedding is read from its row's table: a hypertoken's from its row (which
-        # holds it now, also when it is the pending id just installed), a base id's from the
-        # scratch row C, where it is written first
-        state["table_in"][rows[:, 0], c.max_codebook_size] = x.to(state["table_in"].dtype)
-        x = state["table_in"][rows[:, 0], table_row]
-    x = (x + model.transformer.wpe(pos))[:, None]                                  # (B, 1, d)
-    # 3. the blocks, each writing the code's key and value at its slot and attending to the slots
-    # filled so far (plain forward: a training run may have compiled the blocks for its shapes)
-    mask = (state["key_slots"] <= pos[:, None])[:, None, None, :]                   # (B, 1, 1, block)
-    for i, block in enumerate(model.transformer.h):
-        x = block.forward(x, mask, (state["k"][:, i], state["v"][:, i], pos[:, None]))
-    x = model.transformer.ln_f(x)[:, 0]                                             # (B, d)
-    logits = model.lm_head(x)                                                       # (B, V)
-    if c.hyper:
-        # 4. the hyper logits: valid are the columns j < n, and n if a pending id exists (DESIGN.md
-        # 2); with canonical=True also no child of the match, as in join_logits (DESIGN.md 2.1)
-        hyper = torch.einsum("bd,bkd->bk", x, state["table_out"])                  # (B, C + 1)
-        ok = state["cols"] < n_plus[:, None]
-        if c.canonical:
-            parent, first, last = state["trie"].unbind(-1)                           # (B, C + 1) each
-            logits.scatter_add_(1, last, torch.where(parent == match[:, None], state["-inf"], state["0"]))
-            ok &= logits.gather(1, first) > float("-inf")
-        logits = torch.cat([logits, torch.where(ok, hyper, state["-inf"])], dim=1)  # (B, V + C + 1)
-    return logits, sample(logits, temperature, top_k)
-
-
-class Decoder:
-    """KV-cached decoding of B rows of codes; rows never affect each other.
-
-    The host keeps each row's codes and its LZW decoder state (DESIGN.md 1.1); the device keeps
-    fixed-shape tensors: the KV cache of every layer, each row's table of hyper-embeddings (C
-    rows, plus a scratch row C where padded writes go) and each entry's trie parent, first and
-    last base id (for the canonical mask). advance(codes) reads one code per row: the host
-    pushes it into the row's decoder and packs what changed into one int64 tensor, copied to the
-    device at once; decode_step then runs with no host sync, and one read back brings the sampled
-    next codes (`next`). `logits` holds the next-code logits (B, V [+ C + 1]).
-
-    A row whose context is full keeps its last block_size // 2 codes (their keys and values are
-    recomputed, outside the step, at positions from 0) and goes on; its codebook lives on.
+    It keeps the row's LZW decoder (DESIGN.md 1.1), whose codebook grows as it reads, the
+    hyper-embeddings of the entries (encoded once, when installed) and every layer's keys and
+    values. A full context keeps its last block_size // 2 codes (their keys and values computed
+    again, at positions from 0) and goes on: the codebook lives on.
     """
 
-    @torch.no_grad()
-    def __init__(self, model, prompts, temperature=1.0, top_k=None, compile=False):
-        c, device = model.config, model.device
-        self.model, self.temperature, self.top_k = model, temperature, top_k
-        self.rows = [list(p) for p in prompts]
-        self.lzw = [model.codec() for _ in prompts]
-        B, nh, hs = len(self.rows), c.n_head, c.n_embd // c.n_head
+    def __init__(self, model):
+        c, w = model.config, model.transformer.wte.weight
+        self.model, self.lzw, self.context = model, model.codec(), []    # context: the codes in the cache
+        self.table_in = self.table_out = w.new_zeros(0, c.n_embd)       # (n, d): entry j's hyper-embeddings
         # the cache in the compute dtype: autocast's if it is on (bf16 on a GPU), else the weights'
-        dtype = torch.get_autocast_dtype(device.type) if torch.is_autocast_enabled(device.type) \
-            else model.transformer.wte.weight.dtype
-        zeros = lambda *shape: torch.zeros(*shape, device=device, dtype=dtype)
-        self.state = {"k": zeros(B, c.n_layer, nh, c.block_size, hs), "v": zeros(B, c.n_layer, nh, c.block_size, hs),
-                      "key_slots": torch.arange(c.block_size, device=device),
-                      "cols": torch.arange(c.max_codebook_size + 1, device=device),
-                      "rows": torch.arange(B, device=device)[:, None],
-                      "0": zeros(()), "-inf": zeros(()).fill_(float("-inf"))}
-        if c.hyper:
-            self.state["table_in"] = zeros(B, c.max_codebook_size + 1, c.n_embd)
-            self.state["table_out"] = self.state["table_in"] if c.tie_weights else torch.zeros_like(self.state["table_in"])
-            # (parent, first, last) of each slot; parent -2 never equals a match code (-1: none)
-            self.state["trie"] = torch.tensor([-2, 0, 0], device=device).repeat(B, c.max_codebook_size + 1, 1)
-        self.step = decode_step
-        if compile:
-            if device.type == "cuda":   # CUDA graphs need tensors that stay where they are
-                for t in self.state.values():
-                    torch._dynamo.mark_static_address(t)
-            self.step = torch.compile(decode_step, fullgraph=True,
-                                      mode="reduce-overhead" if device.type == "cuda" else None)
-        # read the prompts: every row's decoder state, the entries they installed, the cache
-        for lzw, row in zip(self.lzw, self.rows):
-            for t, code in enumerate(row):
-                lzw.push(code, t)
-        if c.hyper:
-            self._install([(b, j) for b, lzw in enumerate(self.lzw) for j in range(lzw.n_entries)])
-        self.filled = [0] * B     # codes in each row's cache
-        last = [row[-1] for row in self.rows]
-        self._refill(slice(None), [row[-c.block_size:-1] for row in self.rows])
-        self._run([self._pack(b, last[b], ()) for b in range(B)])
+        dtype = torch.get_autocast_dtype(w.device.type) if torch.is_autocast_enabled(w.device.type) else w.dtype
+        shape = (c.n_layer, 1, c.n_head, c.block_size, c.n_embd // c.n_head)   # (layer, 1, nh, block, hs)
+        self.k, self.v = w.new_zeros(shape, dtype=dtype), w.new_zeros(shape, dtype=dtype)
 
-    def _install(self, new):
-        """Encode and write the entries (row, j) in one hyper-encoder call (prompts, gather)."""
-        if not new:
-            return
-        c, device = self.model.config, self.model.device
-        contents = [self.lzw[b].entries[j] for b, j in new]
-        padded = torch.tensor([e + (0,) * (c.max_subtokens - len(e)) for e in contents], device=device)
-        h_in, h_out = self.model.hyper_tables(padded, torch.tensor([len(e) for e in contents], device=device))
-        rows, cols = (torch.tensor(v, device=device) for v in zip(*new))
-        self.state["table_in"][rows, cols] = h_in.to(self.state["table_in"].dtype)
-        if not c.tie_weights:   # tied: table_out is table_in, written just now
-            self.state["table_out"][rows, cols] = h_out.to(self.state["table_out"].dtype)
-        self.state["trie"][rows, cols] = torch.tensor(
-            [(self.lzw[b].parents[j], e[0], e[-1]) for (b, j), e in zip(new, contents)], device=device)
-
-    def _refill(self, rows, codes):
-        """Recompute keys and values of codes (one list per row of the slice `rows`) at slots and
-        positions 0, 1, ... (right-padded, masked). For the prompts, and to crop a full row."""
-        m, c, device = self.model, self.model.config, self.model.device
-        L = max(map(len, codes))
-        for b, r in zip(range(len(self.rows))[rows], codes):
-            self.filled[b] = len(r)
-        if L == 0:
-            return
-        idx = torch.tensor([r + [0] * (L - len(r)) for r in codes], device=device)          # (R, L)
-        lengths = torch.tensor([len(r) for r in codes], device=device)[:, None, None]      # (R, 1, 1)
-        table = self.state["table_in"][rows, :c.max_codebook_size] if c.hyper else \
-            m.transformer.wte.weight.new_zeros(idx.size(0), 0, c.n_embd)
-        slots = torch.arange(L, device=device)
-        x = kernels.hyper_embedding(idx, m.transformer.wte.weight, table, c.vocab_size) + m.transformer.wpe(slots)
-        # causal over the row's own codes; a pad query sees code 0, and so does every query of a
-        # row with no codes (a one-code prompt): no row of the mask is empty, which some CUDA
-        # kernels answer with NaN. What pads compute is never read: the step overwrites their slots.
-        keys = self.state["key_slots"]
-        mask = (keys <= slots[:, None]) & (keys < lengths.clamp(min=1))                    # (R, L, block)
-        for i, block in enumerate(m.transformer.h):
-            x = block.forward(x, mask[:, None], (self.state["k"][rows, i], self.state["v"][rows, i],
-                                                 slots.expand(idx.size(0), L)))
-
-    def _pack(self, b, code, new):
-        """Row b's part of a step's input (see decode_step), a list per field: the code it reads,
-        and the entries `new` (indices j) that reading it installed: at most one per base token."""
-        c, lzw = self.model.config, self.lzw[b]
-        V, C, M = c.vocab_size, c.max_codebook_size, c.max_subtokens
-        pending, n = lzw.pending(), lzw.n_entries
-        head = [[code if code < V else 0], [code - V if code >= V else C], [self.filled[b]],
-                [n + (pending is not None)], [lzw.code]]
-        self.filled[b] += 1
-        if not c.hyper:
-            return head
-        pad = M - len(new)
-        slots = list(new) + [C] * pad + [n if pending else C]
-        trie = [(lzw.parents[j], lzw.entries[j][0], lzw.entries[j][-1]) for j in new] + [(-2, 0, 0)] * pad + \
-            [(-2, pending[0] if pending else 0, 0)]   # the pending id is never a child: parent -2
-        contents = [lzw.entries[j] for j in new] + [(0,)] * pad + [pending or (0,)]
-        return head + [slots, [t for e in trie for t in e],
-                       [t for e in contents for t in e + (0,) * (M - len(e))], [len(e) for e in contents]]
-
-    def _run(self, parts):
-        # one host-to-device copy of the step's input (field by field: see decode_step), one
-        # read back of the chosen codes
-        packed = torch.tensor([v for field in zip(*parts) for row in field for v in row], dtype=torch.long)
-        if self.model.device.type == "cuda":
-            packed = packed.pin_memory().to(self.model.device, non_blocking=True)
-        self.logits, nxt = self.step(self.model, self.state, packed, self.temperature, self.top_k)
-        self.next = nxt.tolist()
+    def encode(self, contents):
+        """Input and output hyper-embeddings (N, d) of a list of contents (tuples of base ids)."""
+        M, device = self.model.config.max_subtokens, self.model.device
+        padded = torch.tensor([e + (0,) * (M - len(e)) for e in contents], device=device)     # (N, M)
+        return self.model.hyper_tables(padded, torch.tensor([len(e) for e in contents], device=device))
 
     @torch.no_grad()
-    def advance(self, codes):
-        """Read one code per row (ValueError if a code is not valid for its row), then compute
-        the next-code logits and draw the next codes."""
-        c, parts = self.model.config, []
-        for b, (lzw, code) in enumerate(zip(self.lzw, codes)):
-            n = lzw.n_entries
-            lzw.push(code, len(self.rows[b]))
-            self.rows[b].append(code)
-            if self.filled[b] == c.block_size:   # context full: keep the row's last block_size // 2
-                self._refill(slice(b, b + 1), [self.rows[b][-(c.block_size // 2):-1]])
-            parts.append(self._pack(b, code, range(n, lzw.n_entries)))
-        self._run(parts)
+    def read(self, code):
+        c, n = self.model.config, self.lzw.n_entries
+        self.lzw.push(code, len(self.context))    # decode it (ValueError if it is no valid code here)
+        if self.lzw.n_entries > n:                # the entries it installed: encode them once
+            h_in, h_out = self.encode(self.lzw.entries[n:])
+            self.table_in, self.table_out = torch.cat([self.table_in, h_in]), torch.cat([self.table_out, h_out])
+        if len(self.context) == c.block_size:     # full: keep the last block_size // 2, this code included
+            kept, self.context = self.context[len(self.context) - (c.block_size // 2 - 1):], []
+            for old in kept:
+                self.attend(old)
+        return self.next_logits(self.attend(code))
+
+    def attend(self, code):
+        """Run a code through the blocks at the next position, its keys and values into the cache;
+        returns its final hidden state (d,)."""
+        m, c, pos = self.model, self.model.config, len(self.context)
+        self.context.append(code)
+        x = m.transformer.wte.weight[code] if code < c.vocab_size else self.table_in[code - c.vocab_size]
+        x = (x + m.transformer.wpe.weight[pos])[None, None]                         # (1, 1, d)
+        mask = (torch.arange(c.block_size, device=x.device) <= pos)[None, None, None]  # (1, 1, 1, block): filled slots
+        slot = torch.tensor([[pos]], device=x.device)                               # (1, 1)
+        for i, block in enumerate(m.transformer.h):
+            x = block.forward(x, mask, (self.k[i], self.v[i], slot))   # .forward: not a compiled graph
+        return m.transformer.ln_f(x)[0, 0]
+
+    def next_logits(self, x):
+        """The logits of the next code from the hidden state x (d,): the exact vocabulary (DESIGN.md 2)."""
+        m, c, lzw = self.model, self.model.config, self.lzw
+        base = m.lm_head(x)                                                         # (V,)
+        if not c.has_hypertokens:
+            return base
+        pending, n = lzw.pending(), lzw.n_entries
+        # the pending id scores with its content's vector: hyper column n (zeros when there is none)
+        pending_vec = self.encode([pending])[1] if pending else x.new_zeros(1, c.n_embd)
+        hyper_logits = torch.cat([self.table_out, pending_vec.to(self.table_out.dtype)]) @ x   # (n + 1,)
+        invalid = torch.arange(n + 1, device=x.device) >= n + (pending is not None)
+        canon = None
+        if c.canonical:   # the trie: each entry's parent, first and last base id; the pending id is no child
+            trie = [(p, e[0], e[-1]) for p, e in zip(lzw.parents, lzw.entries)] + [(-2, (pending or (0,))[0], 0)]
+            canon = Canon(torch.tensor(lzw.code, device=x.device), *torch.tensor(trie, device=x.device).T)
+        return vocabulary_logits_(base, hyper_logits, invalid, canon)

@@ -169,7 +169,7 @@ def make_pycode_bpb(enc, val):
     byte with train.py's: n_bytes, the bytes train.py divides by (an EOT counts 0), and whether
     the text re-encodes to the same ids and has that many bytes."""
     import zip2zip
-    from loader import eval_windows
+    from lib.loader import eval_windows
     plain = zip2zip.GPTConfig(block_size=BPB_BLOCK_SIZE, max_subtokens=1)   # M=1: the codes are the ids
     windows = eval_windows(val, BPB_WINDOWS, BPB_BLOCK_SIZE, plain, token_byte_lengths(enc))
     n_total = len(val) // BPB_BLOCK_SIZE
@@ -225,7 +225,7 @@ class PrepareConfig:
     out_dir: str = ""   # where the JSONL files go; "": next to this script, where the YAMLs read them
 
 def main(argv=None):
-    import cli
+    from lib import cli
     cfg = PrepareConfig()
     with cli.one_line_errors():   # a missing val.bin is one line naming the command to run
         cli.configure(cfg, sys.argv[1:] if argv is None else argv, presets=False, positional=False)

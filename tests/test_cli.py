@@ -1,4 +1,4 @@
-"""cli.py and the first use of every script: --help, one-line errors for bad input, checkpoints
+"""lib/cli.py and the first use of every script: --help, one-line errors for bad input, checkpoints
 that cannot run code, the device, tables, and how hypertokens are marked."""
 import dataclasses
 import os
@@ -11,8 +11,7 @@ import pytest
 import torch
 
 import bench
-import cli
-import data.common
+from lib import cli
 import efficiency
 import reproduce
 import sample
@@ -115,7 +114,7 @@ def test_autocast_resolves_the_dtype_once_for_every_script():
 
 @pytest.fixture
 def no_ranks(tmp_path, monkeypatch):
-    monkeypatch.setattr(data.common, "RANKS", str(tmp_path / "missing" / "r50k_base.tiktoken"))
+    monkeypatch.setattr(zip2zip, "RANKS", str(tmp_path / "missing" / "r50k_base.tiktoken"))
 
 
 def tiny_checkpoint(path):

@@ -249,6 +249,28 @@ def test_dispatch_picks_triton_on_cuda(monkeypatch):
     assert type(out.grad_fn).__name__ == "HyperEmbeddingBackward"
 
 
+@needs_triton
+def test_a_model_with_the_kernels_swapped_in_computes_the_same(force_triton):
+    # use_kernels makes forward call the dispatch functions (train.py does on a GPU): the same
+    # logits, loss and gradients as zip2zip.py's plain lookups
+    from tests.test_model import codes_of, tiny
+    model = tiny(dropout=0.0, n_embd=16, hyper_n_embd=8)
+    rows = [codes_of(s, model, 20) for s in range(2)]
+    idx, tgt = torch.tensor([r[:-1] for r in rows]), torch.tensor([r[1:] for r in rows])
+    results = []
+    for swap in (False, True):
+        if swap:
+            kernels.use_kernels(model)
+        model.zero_grad()
+        logits, loss = model.train()(idx, tgt)
+        loss.backward()
+        results.append((logits.detach(), [p.grad.clone() for p in model.parameters() if p.grad is not None]))
+    assert model.embed_codes is kernels.hyper_embedding and model.hyper_in.embed_slots is kernels.gather_slots
+    torch.testing.assert_close(results[0][0], results[1][0], rtol=0, atol=1e-6)
+    for a, b in zip(results[0][1], results[1][1]):
+        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6)
+
+
 # -----------------------------------------------------------------------------
 # launch arguments
 

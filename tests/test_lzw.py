@@ -3,7 +3,8 @@ import random
 
 import pytest
 
-from zip2zip import LZW, lzw_decode, lzw_encode, lzw_encode_window
+from lib.loader import lzw_encode_window
+from zip2zip import LZW, lzw_decode, lzw_encode
 
 
 def naive_encode(ids, V, C, M, D=()):

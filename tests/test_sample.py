@@ -8,7 +8,8 @@ import sys
 import pytest
 import torch
 
-import cli
+from lib import cli
+import fastgen
 import sample
 from zip2zip import GPT, GPTConfig, Tokenizer, lzw_decode
 
@@ -61,7 +62,7 @@ def test_samples_show_the_continuation_alone(capsys, ckpt, tok):
     # greedy, so the continuation is known: each sample block holds it, not the prompt again
     out = run(capsys, ckpt, f"--start={CODE}", "--temperature=0", "--color=False")
     model, _ = cli.load_checkpoint(ckpt)
-    row = model.generate([tok.encode("<|endoftext|>" + CODE)], 6, temperature=0)[0]
+    row = fastgen.generate(model, [tok.encode("<|endoftext|>" + CODE)], 6, temperature=0)[0]   # sample.py's path
     text = tok.decode(row)[len("<|endoftext|>" + CODE):]
     block = out.split("=== sample 1/2 ===\n")[1].split("\n--- sample 1/2")[0]
     if block.startswith("hypertokens are shown"):        # the legend, when there is a hypertoken
@@ -97,7 +98,7 @@ def test_stats_count_the_generated_text(capsys, ckpt, tok):
     n_codes, n_base = map(int, re.search(r"(\d+) codes for (\d+) base tokens", out).groups())
     model, _ = cli.load_checkpoint(ckpt)
     prompt = tok.encode("<|endoftext|>" + CODE)
-    row = model.generate([prompt], 6, temperature=0)[0]
+    row = fastgen.generate(model, [prompt], 6, temperature=0)[0]
     assert n_codes == 6 and n_base == len(lzw_decode(row, tok.vocab_size, 1024, 4, tok.disabled_ids)) \
         - len(lzw_decode(prompt, tok.vocab_size, 1024, 4, tok.disabled_ids))
 
@@ -110,7 +111,7 @@ def test_bfloat16_greedy_sample_matches_the_model(capsys, ckpt, tok):
     model, _ = cli.load_checkpoint(ckpt)
     prompt = tok.encode("<|endoftext|>" + CODE)
     with torch.autocast("cpu", dtype=torch.bfloat16):
-        row = model.eval().generate([prompt], 6, temperature=0)[0]
+        row = fastgen.generate(model.eval(), [prompt], 6, temperature=0)[0]
     assert cli.show(tok, row[1:], False, len(prompt) - 1) in out
 
 

@@ -110,7 +110,7 @@ def test_shipped_items_come_from_val(enc):
 
 def test_bpb_docs_are_train_py_validation_windows(enc):
     import zip2zip
-    from loader import eval_windows
+    from lib.loader import eval_windows
     val = val_ids("pycode")
     windows = eval_windows(val, 96, 256, zip2zip.GPTConfig(block_size=256, max_subtokens=1),
                            prepare.token_byte_lengths(enc))

@@ -6,8 +6,8 @@ import numpy as np
 import pytest
 
 import efficiency
-import cli
-from cli import show
+from lib import cli
+from lib.cli import show
 from efficiency import compression_stats
 from zip2zip import Tokenizer
 

@@ -1,4 +1,4 @@
-"""train.py (and adapt.py, loader.py, outdir.py): batches, evaluation, resume, adaptation, GPT-2
+"""train.py (and lib/: adapt.py, loader.py, outdir.py): batches, evaluation, resume, adaptation, GPT-2
 mapping, LoRA, DDP, what a run prints and writes, stopping (Ctrl-C, a busy out_dir), bad input.
 
 Tiny models on a tiny data set made from a few standard-library files, CPU only, offline,
@@ -23,13 +23,9 @@ import numpy as np
 import pytest
 import torch
 
-import adapt
-import cli
-import loader
-import meter
-import outdir
 import train
 import zip2zip
+from lib import adapt, cli, loader, meter, outdir
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 STDLIB = sysconfig.get_paths()["stdlib"]

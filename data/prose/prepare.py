@@ -47,7 +47,7 @@ class PrepareConfig:
     val_fraction: float = 0.1     # share of topics in val: ~11 of 79, the most a set this small spares
 
 def main(argv=None):
-    import cli   # here, not at the top: preparing data needs no torch, only this command line does
+    from lib import cli   # here, not at the top: preparing data needs no torch, only this command line does
     cfg = PrepareConfig()
     # preparing is reading and writing files: each of its expected failures (an unwritable
     # out_dir, GPT-2's ranks) is one line; the checks in write_splits stay asserts

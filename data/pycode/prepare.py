@@ -78,7 +78,7 @@ class PrepareConfig:
     val_fraction: float = 0.1     # share of files in val: ~170 files, enough for a steady val loss
 
 def main(argv=None):
-    import cli   # here, not at the top: preparing data needs no torch, only this command line does
+    from lib import cli   # here, not at the top: preparing data needs no torch, only this command line does
     cfg = PrepareConfig()
     # preparing is reading and writing files: each of its expected failures (a missing or
     # unreadable folder, GPT-2's ranks) is one line; the checks in write_splits stay asserts

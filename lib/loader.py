@@ -21,13 +21,33 @@ import time
 import numpy as np
 import torch
 
-from zip2zip import HyperBatch, hyper_batch, lzw_encode, lzw_encode_window
+from zip2zip import LZW, HyperBatch, base_ids, hyper_batch, lzw_encode
 
 EOT = 50256  # <|endoftext|>: a wall between documents, never merged, 0 bytes of text
 HYPER_FIELDS = tuple(f.name for f in dataclasses.fields(HyperBatch))
 
 # -----------------------------------------------------------------------------
 # Token files, training batches, validation windows
+
+
+def lzw_encode_window(ids, start, n_codes, vocab_size, max_codebook_size, max_subtokens,
+                      disabled_ids=()):
+    """The first n_codes codes of the canonical encoding of ids[start:], fresh codebook.
+
+    Returns (codes, n_base): n_base is how many base ids the codes stand for, so the next
+    window can start at start + n_base and no text is lost between windows. Fewer codes come
+    back only where the input runs out.
+    """
+    lzw, out, pos = LZW(vocab_size, max_codebook_size, max_subtokens, disabled_ids), [], start
+    while len(out) < n_codes and pos < len(ids):
+        # Each code covers at least one base id, so this many more never overshoots by much.
+        chunk = base_ids(ids[pos:pos + n_codes - len(out)], vocab_size, pos)
+        lzw.feed(chunk, out)
+        pos += len(chunk)
+    if pos >= len(ids):
+        lzw.flush(out)
+    codes = out[:n_codes]
+    return codes, sum(len(lzw.content(c)) for c in codes)
 
 
 def check_tokens(path, vocab_size):
@@ -65,7 +85,7 @@ def build_batch(data, starts, block_size, model_config, byte_lengths):
         ys.append(codes[1:] + [-1] * fill)
         # a fresh codebook is empty, so the first code is the base id data[s]; targets cover the rest
         n_bytes += int(byte_lengths[data[s + 1:s + n_base]].sum())
-    hyper = hyper_batch(xs, c.vocab_size, c.max_codebook_size, c.max_subtokens, c.disabled_ids) if c.hyper else None
+    hyper = hyper_batch(xs, c.vocab_size, c.max_codebook_size, c.max_subtokens, c.disabled_ids) if c.has_hypertokens else None
     return torch.tensor(xs, dtype=torch.long), torch.tensor(ys, dtype=torch.long), hyper, n_bytes
 
 

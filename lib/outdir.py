@@ -132,6 +132,6 @@ class Interrupt:
 def resume_command(out_dir, world, *more):
     """The command that continues the run in out_dir (with `more` settings changed)."""
     launch = ["torchrun", "--standalone", f"--nproc_per_node={world}"] if world > 1 else ["python"]
-    args = [os.path.relpath(os.path.join(os.path.dirname(os.path.abspath(__file__)), "train.py")),
+    args = [os.path.relpath(os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "train.py")),
             "--init_from=resume", f"--out_dir={out_dir}", *more]
     return " ".join(launch + [shlex.quote(a) for a in args])

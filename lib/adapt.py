@@ -13,7 +13,7 @@ from dataclasses import asdict
 import torch
 import torch.nn as nn
 
-import cli
+from lib import cli
 from zip2zip import GPT, GPTConfig
 
 HYPER_PARTS = ("hyper_in.", "hyper_out.", "recon")   # what a plain GPT does not have

@@ -1,0 +1,58 @@
+"""The fast path equals the simple one: fastgen.StaticStepper (B rows, one packed static step)
+against zip2zip.Stepper (one row, one code at a time), on ragged batches and past the context:
+the same logits within 1e-5 in fp32, the same greedy codes."""
+import pytest
+import torch
+
+import fastgen
+import zip2zip as z
+from tests.test_model import V, codes_of, tiny
+
+
+def assert_same_logits(fast, simple):
+    """fast (V + C + 1,) and simple (V + n + 1,): equal on the simple one's columns, -inf beyond."""
+    w = simple.size(0)
+    assert torch.equal(torch.isinf(fast[:w]), torch.isinf(simple))
+    fin = torch.isfinite(simple)
+    torch.testing.assert_close(fast[:w][fin], simple[fin], atol=1e-5, rtol=0)
+    assert torch.isinf(fast[w:]).all()
+
+
+@pytest.mark.parametrize("canonical,tie,kind", [(True, True, "transformer"), (False, False, "mlp"),
+                                                (True, True, "mean"), (True, True, None)])
+def test_the_static_step_gives_the_simple_loops_logits(canonical, tie, kind):
+    # prompts of different lengths, one longer than the context (block 16), read on past it:
+    # every row is cropped on its own, at other steps
+    model = tiny(block_size=16, canonical=canonical, tie_weights=tie, hyper_encoder=kind or "transformer",
+                 max_subtokens=1 if kind is None else 4)
+    full = [codes_of(s, model, 70) for s in range(3)]
+    starts = [1, 21, 9]
+    fast = fastgen.StaticStepper(model, [f[:s] for f, s in zip(full, starts)], temperature=0)
+    simple = [z.Stepper(model) for _ in full]
+    logits = [[s.read(code) for code in f[:n]][-1] for s, f, n in zip(simple, full, starts)]
+    with torch.no_grad():
+        for t in range(45):
+            for b in range(3):
+                assert_same_logits(fast.logits[b], logits[b])
+            codes = [f[s + t] for f, s in zip(full, starts)]
+            fast.advance(codes)
+            logits = [s.read(code) for s, code in zip(simple, codes)]
+    assert len(set(fast.filled)) == 3      # the rows were cropped at different steps
+
+
+def test_greedy_text_is_the_same_on_both_paths():
+    model = tiny(block_size=16)
+    prompts = [codes_of(s, model, n) for s, n in ((0, 1), (1, 12), (2, 40))]   # ragged, and past the context
+    fast = fastgen.generate(model, prompts, 30, top_k=1)
+    assert fast == model.generate(prompts, 30, top_k=1)
+    assert any(c >= V for row, p in zip(fast, prompts) for c in row[len(p):])  # hypertokens were written
+    out = fastgen.generate(model, torch.tensor([prompts[1]] * 2), 5, temperature=0)
+    assert torch.is_tensor(out) and out.tolist() == model.generate([prompts[1]] * 2, 5, temperature=0)
+
+
+def test_context_length_follows_the_simple_loops_crops():
+    model = tiny(block_size=6)
+    stepper, codes = z.Stepper(model), codes_of(3, model, 40)
+    for n, code in enumerate(codes, 1):
+        stepper.read(code)
+        assert len(stepper.context) == fastgen.context_length(n, 6), n

@@ -821,9 +821,9 @@ class GPT(nn.Module):
             step, lp, dist = Stepper(self), [], []
             width = c.vocab_size + (c.max_codebook_size + 1 if c.has_hypertokens else 0)   # every row's
             for t in range(1, n):
-                logp = F.log_softmax(step.read(row[t - 1]).float(), dim=-1)
-                lp.append(logp[row[t]])
-                dist += [F.pad(logp, (0, width - logp.size(0)), value=float("-inf"))] if t >= k else []
+                step_logp = F.log_softmax(step.read(row[t - 1]).float(), dim=-1)
+                lp.append(step_logp[row[t]])
+                dist += [F.pad(step_logp, (0, width - step_logp.size(0)), value=float("-inf"))] if t >= k else []
             out.append((torch.stack(lp), torch.stack(dist)))
         return out
 

@@ -150,12 +150,18 @@ def test_continuations_of_one_context_are_scored_as_one_by_one():
         model.loglikelihoods(ctx, [[7]])
 
 
-def test_a_long_context_is_read_through_the_decoder():
+def test_a_long_context_is_read_one_code_at_a_time():
     model = model_of(True, seed=1)
     ctx = [D] + [0, 1, 2, 3] * 30          # ~40 codes: past block_size=32, replayed with the crop
     assert len(z.lzw_encode(ctx, V, C, M, (D,))) > 33
     total = sum(cond(model, ctx, [a], 0) for a in range(V))
     assert total == pytest.approx(1, abs=1e-5)
+    # continuations on both sides of the context's end, read together: each as alone
+    ctx = [D] + [0, 1, 2, 3] * 16
+    conts = [[0], [0, 1, 2, 3, 3, 2, 1, 0] * 6, [2, 2]]
+    lengths = [len(z.lzw_encode(ctx + x, V, C, M, (D,))) for x in conts]
+    assert min(lengths) <= 33 < max(lengths)
+    assert model.loglikelihoods(ctx, conts) == [model.loglikelihoods(ctx, [x])[0] for x in conts]
 
 
 def greedy_reference(model, ctx, steps):

@@ -846,12 +846,11 @@ class GPT(nn.Module):
 
         log P(cont | ctx) = log P_prefix(ctx + cont) - log P_prefix(ctx) (DESIGN.md 2.2): exact for
         a canonical model (multiview.loglikelihoods sums over segmentations, for any model).
-        is_greedy (DESIGN.md 2.3): along the canonical
-        codes of ctx + cont, from the context's last code on, each code is a most probable one
-        there (at the context's last code, among the codes that spell the context's end; at the
-        last, any code that spells the rest of the text counts). All continuations are read in
-        one forward pass, which also gives P_prefix(ctx): the streams share the codes before the
-        context's last one.
+        is_greedy (DESIGN.md 2.3): along the canonical codes of ctx + cont, from the context's last
+        code on, each code is a most probable one there (at the context's last code, among the
+        codes that spell the context's end; at the last, any code that spells the rest of the text
+        counts). All continuations are read in one forward pass, which also gives P_prefix(ctx):
+        the streams share the codes before the context's last one.
         """
         c = self.config
         ctx, conts = as_ids(context, "context"), [as_ids(x, "continuation") for x in continuations]

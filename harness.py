@@ -6,9 +6,9 @@ zip2zip in lm-evaluation-harness: the paper's task protocol for a train.py check
     python harness.py --out_dir=out-cpu --tasks=zip2zip_prose_cloze --beam_size=16 --limit=50
     python harness.py --out_dir=out-cpu --tasks=hellaswag     # any lm-eval task whose data it can download
 
-Importing this file registers the lm-eval model name `zip2zip` (`lm_eval --model zip2zip
---model_args out_dir=out-cpu,beam_size=0 --include_path tasks ...` works too). lm-eval is an
-optional extra: the method (zip2zip.py) never imports it.
+Importing this file registers the lm-eval model name `zip2zip`, so that from Python
+`import harness; lm_eval.simple_evaluate(model="zip2zip", model_args="out_dir=out-cpu,beam_size=0",
+tasks=[...])` works too. lm-eval is an optional extra: the method (zip2zip.py) never imports it.
 
 What the three kinds of request mean for a model whose vocabulary grows as it reads (DESIGN.md 2.2):
 - loglikelihood (context, continuation): log P(continuation | context) = log P_prefix(context +

@@ -99,14 +99,8 @@ class Zip2Zip(LM):
         return out
 
     def loglikelihood_rolling(self, requests, disable_tqdm=False):
-        c, out = self.model.config, []
-        for r in requests:
-            ids = [self.tok.eot] + self.tok.encode_base(r.args[0])
-            with self.ctx:
-                nll = multiview.marginal_nll(self.model, ids, self.beam_size) if self.beam_size else \
-                    self.model.nll(lzw_encode(ids, c.vocab_size, c.max_codebook_size, c.max_subtokens, c.disabled_ids))
-            out.append(-nll)
-        return out
+        with self.ctx:   # the prefix NLL of each whole document after an <|endoftext|> (GPT.score)
+            return [-multiview.score(self.model, r.args[0], self.tok, self.beam_size)[0] for r in requests]
 
     def generate_until(self, requests, disable_tqdm=False):
         out = []

@@ -109,5 +109,8 @@ def loglikelihood(model, context, continuation, beam_size=16):
 
 
 def score(model, text, tokenizer, beam_size=16):
-    """GPT.score with the NLL summed over segmentations: (NLL in nats, UTF-8 bytes)."""
+    """GPT.score with the NLL summed over segmentations: (NLL in nats, UTF-8 bytes). beam_size 0:
+    GPT.score itself."""
+    if beam_size == 0:
+        return model.score(text, tokenizer)
     return marginal_nll(model, model.text_ids(text, tokenizer), beam_size), len(text.encode("utf-8"))

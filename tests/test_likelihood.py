@@ -11,6 +11,7 @@ import torch.nn.functional as F
 import fastgen
 import multiview
 import zip2zip as z
+from brute import code_streams, stream_logp
 
 V, C, M, D = 5, 16, 3, 4          # base ids 0..3 and one disabled id (a canonical model has no dead end)
 KINDS = ["transformer", "mlp", "mean"]
@@ -53,42 +54,11 @@ def test_an_unmasked_model_scored_canonically_breaks_the_law():
     assert sum(cond(model, CONTEXTS[1], [a], 0) for a in range(V)) < 0.99
 
 
-def prefix_streams(ids):
-    """Every valid code stream that starts with ids[0] and whose text starts with ids, by brute
-    force: at each point try every code the decoder accepts; the last code may run past the text."""
-    out = []
-
-    def extend(lzw, p, codes):
-        for x in range(V + lzw.n_entries + 1):
-            try:
-                content = list(lzw.resolve(x))
-            except ValueError:
-                continue
-            if content[:len(ids) - p] == ids[p:p + len(content)]:
-                if p + len(content) >= len(ids):
-                    out.append(codes + [x])
-                else:
-                    nxt = lzw.copy()
-                    nxt.push(x)
-                    extend(nxt, p + len(content), codes + [x])
-    lzw = z.LZW(V, C, M, (D,))
-    lzw.push(ids[0])
-    extend(lzw, 1, ids[:1])
-    return out
-
-
-def stream_logp(model, codes):
-    """log P(codes[1:] | codes[0]) by one teacher-forced forward pass: no beam, no KV cache."""
-    with torch.no_grad():
-        logits, _ = model(torch.tensor([codes[:-1]]))
-        return F.log_softmax(logits, -1)[0].gather(-1, torch.tensor(codes[1:])[:, None]).sum().item()
-
-
 @pytest.mark.parametrize("kind", KINDS)
 def test_prefix_probability_equals_the_brute_force_sum(kind):
     canonical, unmasked = model_of(True, kind), model_of(False, kind)
     for ids in ([D, 0, 1, 0, 1, 0, 1], [D, 2, 2, 2, 2], [D, 0, 1, 2, 0, 1, 2, 0]):
-        streams = prefix_streams(ids)
+        streams = code_streams(ids, V, C, M, (D,), prefix=True)
         assert len(streams) > 5 and any(len(z.lzw_decode(s, V, C, M, (D,))) > len(ids) for s in streams)
         for model in (canonical, unmasked):
             brute = -torch.logsumexp(torch.tensor([stream_logp(model, s) for s in streams]), 0).item()

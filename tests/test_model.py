@@ -11,6 +11,7 @@ import torch.nn.functional as F
 import fastgen
 import multiview
 import zip2zip as z
+from brute import code_streams, stream_logp
 
 V, C, M, EOT = 24, 12, 4, 23
 KINDS = ["transformer", "mlp", "mean"]
@@ -404,40 +405,11 @@ def small(canonical):
     return model.eval()     # untrained: probability spread over many codes, so many paths count
 
 
-def every_stream(ids):
-    """Every valid code stream that starts with ids[0] and decodes to ids, by brute force: at
-    each point try every code the decoder accepts and keep those that spell the text ahead."""
-    out = []
-
-    def extend(lzw, p, codes):
-        if p == len(ids):
-            out.append(codes)
-        for x in range(SV + lzw.n_entries + 1):
-            try:
-                content = lzw.resolve(x)
-            except ValueError:
-                continue
-            if list(content) == ids[p:p + len(content)]:
-                nxt = lzw.copy()
-                nxt.push(x)
-                extend(nxt, p + len(content), codes + [x])
-    lzw = z.LZW(SV, SC, SM, (SD,))
-    lzw.push(ids[0])
-    extend(lzw, 1, ids[:1])
-    return out
-
-
-def stream_logp(model, codes):
-    with torch.no_grad():
-        logits, _ = model(torch.tensor([codes[:-1]]))
-        return F.log_softmax(logits, -1)[0].gather(-1, torch.tensor(codes[1:])[:, None]).sum().item()
-
-
 @pytest.mark.parametrize("seed", range(3))
 def test_canonical_model_gives_one_stream_per_text(seed):
     rng = random.Random(seed)
     ids = [SD] + [rng.choice([0, 1, 0, 1, 2]) for _ in range(11)] + ([SD, 0, 1] if seed == 2 else [])
-    streams = every_stream(ids)
+    streams = code_streams(ids, SV, SC, SM, (SD,))
     canonical = z.lzw_encode(ids, SV, SC, SM, (SD,))
     assert canonical in streams and len(streams) > 3
     assert all(z.lzw_decode(s, SV, SC, SM, (SD,)) == ids for s in streams)

@@ -575,8 +575,10 @@ def vocabulary_logits_(base, hyper_logits, invalid, canon=None):
         # The children of the current match (installed entries that extend it by one base id):
         # the greedy encoder would have kept matching into them, so their last base ids cannot
         # start the next code, and nor can any hypertoken that starts with one of those base ids.
-        # (log 1 = 0 and log 0 = -inf: the ban, in the logits' dtype, in three ops.)
-        ban = (canon.parent != canon.match[..., None]).to(base.dtype).log()    # (..., K + 1)
+        # The ban is built in the logits' dtype: 0, or -inf at a child. (Not as log(0/1): CUDA
+        # autocast runs log in fp32, and scatter_add_ wants the logits' dtype.)
+        child = canon.parent == canon.match[..., None]                          # (..., K + 1)
+        ban = base.new_zeros(()).masked_fill(child, float("-inf"))             # (..., K + 1)
         base.scatter_add_(-1, canon.last, ban)                                 # -inf at those base ids
         invalid = invalid | (base.gather(-1, canon.first) == float("-inf"))
     return torch.cat([base, hyper_logits.masked_fill(invalid, float("-inf"))], dim=-1)

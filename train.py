@@ -47,7 +47,7 @@ import multiview
 import zip2zip
 from lib import adapt, cli, loader, outdir
 from lib.loader import EOT, build_batch, check_tokens, eval_windows
-from lib.meter import Meter, flops_per_batch, hms
+from lib.meter import Meter, flops_per_batch, hms, sync
 from zip2zip import GPT, GPTConfig
 
 REPO = os.path.dirname(os.path.abspath(__file__))
@@ -72,9 +72,10 @@ class TrainConfig:
     # data
     dataset: str = "pycode"             # data/<name>/ (prepared if missing), or a path to a folder with train.bin, val.bin
     batch_size: int = 16                # rows per micro-batch
-    gradient_accumulation_steps: int = 2  # micro-batches per step, over all DDP ranks together: 32 x 1024 codes
+    gradient_accumulation_steps: int = 2  # micro-batches per step, over all DDP ranks together: 32 x 1024 codes;
+                                        # each rank takes an equal share, at least one (more ranks: a bigger step)
     loader: str = "process"             # process | thread | sync: the codec is pure Python, processes avoid the GIL
-    num_workers: int = 0                # batch-building workers per rank; 0: the CPU cores per rank minus 2, at least 1
+    num_workers: int = 0                # batch-building workers per rank; 0: lib/loader.py's default_workers (1 to 4)
     # model: GPTConfig's fields (vocab_size is GPT-2's, disabled_ids follow from no_digit_merges)
     block_size: int = 1024              # context in codes: on code that is ~2.2x as many base tokens
     n_layer: int = 8                    # 8 x 512: ~25M parameters besides the embeddings, enough for ~14M tokens of data
@@ -136,8 +137,9 @@ def check_config(cfg, world):
         ("max_codebook_size", c.max_codebook_size >= 0, "0 or more"), ("dropout", 0 <= c.dropout < 1, "in [0, 1)"),
         ("recon_lambda", c.recon_lambda >= 0, "0 or more"), ("recon_max_entries", c.recon_max_entries >= 0, "0 or more"),
         ("lora_rank", c.lora_rank >= 0, "0 (off) or more"), ("batch_size", c.batch_size >= 1, "at least 1"),
-        ("gradient_accumulation_steps", c.gradient_accumulation_steps >= 1 and c.gradient_accumulation_steps % world == 0,
-         f"a positive multiple of the {world} processes"),
+        ("gradient_accumulation_steps", c.gradient_accumulation_steps >= 1 and
+         (c.gradient_accumulation_steps % world == 0 or world % c.gradient_accumulation_steps == 0),
+         f"a positive multiple or divisor of the {world} processes"),
         ("eval_interval", c.eval_interval >= 1, "at least 1"), ("eval_windows", c.eval_windows >= 1, "at least 1"),
         ("log_interval", c.log_interval >= 1, "at least 1"), ("sample_tokens", c.sample_tokens >= 0, "0 or more"),
         ("eval_beam", c.eval_beam >= 0, "0 (off) or more"),
@@ -341,16 +343,19 @@ def setup(argv, held):
         print("no CUDA here: the CPU preset config/cpu.py applies first" +
               (f"; it trains for at most {hms(cfg.max_seconds)} (h:mm:ss)" if cfg.max_seconds > 0 else ""))
     env.device = cli.device(cfg.device)
-    if env.ddp:
-        env.device = f"cuda:{env.local_rank}" if env.cuda else "cpu"
-        torch.distributed.init_process_group(backend="nccl" if env.cuda else "gloo")
-        if env.cuda:
+    if env.ddp:   # as --device says: one GPU per process (NCCL), or the CPU (gloo)
+        gpu = env.device.startswith("cuda")
+        env.device = f"cuda:{env.local_rank}" if gpu else env.device
+        torch.distributed.init_process_group(backend="nccl" if gpu else "gloo")
+        if gpu:
             torch.cuda.set_device(env.device)
         else:   # share the cores between this machine's processes
-            torch.set_num_threads(max(1, (os.cpu_count() or 1) // env.local_world))
+            torch.set_num_threads(max(1, loader.usable_cpus() // env.local_world))
     if cfg.threads:
         torch.set_num_threads(cfg.threads)
-    env.accum = cfg.gradient_accumulation_steps // env.world
+    # each rank's share of the step's micro-batches; with more ranks than micro-batches, one each
+    # (the step grows: the "codes per step" line says by how much), so that one command runs on 1 to 8 GPUs
+    env.accum = max(1, cfg.gradient_accumulation_steps // env.world)
     env.device_type = "cuda" if env.device.startswith("cuda") else "cpu"
     env.dtype, env.ctx = cli.autocast(cfg.dtype, env.device)
     torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = True
@@ -417,8 +422,8 @@ def build_model(env):
     if cfg.compile:
         for block in model.transformer.h:
             block.compile()     # in place: parameter names stay as they are
-    run.model = nn.parallel.DistributedDataParallel(model, device_ids=[env.local_rank] if env.cuda else None) \
-        if env.ddp else model
+    run.model = nn.parallel.DistributedDataParallel(
+        model, device_ids=[env.local_rank] if env.device_type == "cuda" else None) if env.ddp else model
     # before it starts: nothing to train (and nothing to write)?
     run.finished = run.iter_num >= cfg.max_iters or 0 < cfg.max_seconds <= run.train_seconds
     env.writes = env.writes and not run.finished
@@ -467,7 +472,7 @@ def train(env, run, train_path, windows, held):
                mconf=env.mconf, byte_lengths=env.tokenizer.byte_lengths)
     run.interrupt = outdir.Interrupt(env.ddp)       # Ctrl-C: stop after the current step, and save it
     held.callback(run.interrupt.restore)
-    n_workers = cfg.num_workers or max(1, (os.cpu_count() or 1) // env.local_world - 2)
+    n_workers = cfg.num_workers or loader.default_workers(env.local_world)
     batches = None if run.finished or cfg.eval_only else \
         held.enter_context(closing(loader.Batches(train_path, job, cfg.loader, n_workers, get_batch)))
 
@@ -516,11 +521,14 @@ def train(env, run, train_path, windows, held):
         scaler.update()
         optimizer.zero_grad(set_to_none=True)
         loader.release_freed_memory()
+        run.iter_num += 1
+        report = run.iter_num % cfg.log_interval == 0 or run.iter_num == run.start_iter + 1
+        if report or run.iter_num % cfg.eval_interval == 0 or run.iter_num >= cfg.max_iters:
+            sync(device)    # a figure or an evaluation follows: the step's time includes its queued work
         dt = time.perf_counter() - t0
         run.train_seconds += dt
         meter.add(seconds=dt, cpu=time.process_time() - c0)
-        run.iter_num += 1
-        if run.iter_num % cfg.log_interval == 0 or run.iter_num == run.start_iter + 1:
+        if report:
             log_progress(env, run, losses, lr, dt, meter, batches)
             losses = {k: 0.0 for k in losses}
     return meter

@@ -110,6 +110,22 @@ def eval_windows(val, n_windows, block_size, model_config, byte_lengths, which=N
 # -----------------------------------------------------------------------------
 # Background workers
 
+# Workers a rank starts by default, at most: each is a process of about 300 MB, and about 3 keep up
+# with one H100 on the default GPU job (a worker builds ~384k codes/s; the steps use ~1.06M at 40%
+# MFU). A faster job that needs more says so in its log ("loader 0.8x"): then set --num_workers.
+MAX_WORKERS = 4
+
+
+def usable_cpus():
+    """The CPUs this process may run on: a job's share of the node (its affinity), not the node's count."""
+    return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
+
+
+def default_workers(local_world):
+    """Workers per rank when --num_workers=0: the usable CPUs shared by this machine's ranks, less 2
+    left to the training process, at least 1 and at most MAX_WORKERS."""
+    return max(1, min(MAX_WORKERS, usable_cpus() // local_world - 2))
+
 
 def _produce(out, stop, path, get_batch, job, worker, n_workers):
     """A loader worker: micro-batches first + worker, + n_workers, ... into the queue `out`, each

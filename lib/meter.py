@@ -35,6 +35,15 @@ def flops_per_batch(model, B, T, hyper):
     return flops
 
 
+def sync(device):
+    """Wait for the work queued on the device: a GPU runs behind the host, so a clock read without
+    this times only the launches, and speed and MFU come out too high."""
+    if str(device).startswith("cuda"):
+        torch.cuda.synchronize(device)
+    elif str(device).startswith("mps"):
+        torch.mps.synchronize()
+
+
 def hms(seconds):
     s = max(0, int(seconds))
     return f"{s // 3600}:{s // 60 % 60:02d}:{s % 60:02d}"

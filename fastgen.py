@@ -12,6 +12,8 @@ step waits on the host. The exact vocabulary is zip2zip.vocabulary_logits_, the 
 training uses.
 """
 
+import copy
+
 import torch
 
 from zip2zip import Canon, prompt_rows, sample, vocabulary_logits_
@@ -58,15 +60,16 @@ def decode_step(model, state, packed, temperature, top_k):
         state["trie"][rows, slots] = trie
         # 2. every code's embedding is read from its row's table: a hypertoken's from its row (which
         # holds it now, also when it is the pending id just installed), a base id's from the
-        # scratch row C, where it is written first
-        state["table_in"][rows[:, 0], c.max_codebook_size] = x.to(state["table_in"].dtype)
+        # scratch row C, where it is written first (C as a tensor, cols[-1:]: compiled, a constant
+        # index would rewrite the whole table to change B rows)
+        state["table_in"][rows[:, 0], state["cols"][-1:]] = x.to(state["table_in"].dtype)
         x = state["table_in"][rows[:, 0], table_row]
     x = (x + model.transformer.wpe(pos))[:, None]                                  # (B, 1, d)
     # 3. the blocks, each writing the code's key and value at its slot and attending to the slots
     # filled so far (plain forward: a training run may have compiled the blocks for its shapes)
     mask = (state["key_slots"] <= pos[:, None])[:, None, None, :]                   # (B, 1, 1, block)
     for i, block in enumerate(model.transformer.h):
-        x = block.forward(x, mask, (state["k"][:, i], state["v"][:, i], pos[:, None]))
+        x = block.forward(x, mask, (state["k"][i], state["v"][i], pos[:, None]))
     x = model.transformer.ln_f(x)[:, 0]                                             # (B, d)
     logits = model.lm_head(x)                                                       # (B, V)
     if c.has_hypertokens:
@@ -97,15 +100,22 @@ class StaticStepper:
     @torch.no_grad()
     def __init__(self, model, prompts, temperature=1.0, top_k=None, compile=False):
         c, device = model.config, model.device
+        # the compute dtype: autocast's if it is on (bf16 on a GPU), else the weights'
+        dtype = torch.get_autocast_dtype(device.type) if torch.is_autocast_enabled(device.type) \
+            else model.transformer.wte.weight.dtype
+        if compile and dtype != model.transformer.wte.weight.dtype:
+            # decode with a copy of the weights in that dtype, as gpt-fast does: under autocast, the
+            # compiled step would cast every weight again at every call (the (V, d) output matrix too)
+            model = copy.deepcopy(model).to(dtype)
         self.model, self.temperature, self.top_k = model, temperature, top_k
         self.rows = [list(p) for p in prompts]
         self.lzw = [model.codec() for _ in prompts]
         B, nh, hs = len(self.rows), c.n_head, c.n_embd // c.n_head
-        # the cache in the compute dtype: autocast's if it is on (bf16 on a GPU), else the weights'
-        dtype = torch.get_autocast_dtype(device.type) if torch.is_autocast_enabled(device.type) \
-            else model.transformer.wte.weight.dtype
         zeros = lambda *shape: torch.zeros(*shape, device=device, dtype=dtype)
-        self.state = {"k": zeros(B, c.n_layer, nh, c.block_size, hs), "v": zeros(B, c.n_layer, nh, c.block_size, hs),
+        # one cache per layer (not views of one tensor), so that the compiled step writes a code's
+        # key and value into it in place (the attention's indexed assignment)
+        self.state = {"k": [zeros(B, nh, c.block_size, hs) for _ in range(c.n_layer)],
+                      "v": [zeros(B, nh, c.block_size, hs) for _ in range(c.n_layer)],
                       "key_slots": torch.arange(c.block_size, device=device),
                       "cols": torch.arange(c.max_codebook_size + 1, device=device),
                       "rows": torch.arange(B, device=device)[:, None]}
@@ -118,7 +128,8 @@ class StaticStepper:
         if compile:
             if device.type == "cuda":   # CUDA graphs need tensors that stay where they are
                 for t in self.state.values():
-                    torch._dynamo.mark_static_address(t)
+                    for x in t if isinstance(t, list) else [t]:
+                        torch._dynamo.mark_static_address(x)
             self.step = torch.compile(decode_step, fullgraph=True,
                                       mode="reduce-overhead" if device.type == "cuda" else None)
         # read the prompts: every row's decoder state, the entries they installed, the cache
@@ -169,7 +180,7 @@ class StaticStepper:
         keys = self.state["key_slots"]
         mask = (keys <= slots[:, None]) & (keys < lengths.clamp(min=1))                    # (R, L, block)
         for i, block in enumerate(m.transformer.h):
-            x = block.forward(x, mask[:, None], (self.state["k"][rows, i], self.state["v"][rows, i],
+            x = block.forward(x, mask[:, None], (self.state["k"][i][rows], self.state["v"][i][rows],
                                                  slots.expand(idx.size(0), L)))
 
     def _pack(self, b, code, new):
@@ -221,9 +232,13 @@ def gather_rows(parts):
     multiview.prefix_nlls, whose paths branch from the rows of earlier steps)."""
     new, d0 = StaticStepper.__new__(StaticStepper), parts[0][0]
     new.__dict__.update(d0.__dict__, step=decode_step)
-    per_row = ("k", "v", "table_in", "table_out", "trie")     # the rest of the state is shared
-    new.state = {t: torch.cat([d.state[t][r:r + 1] for d, r in parts]) if t in per_row else x
-                 for t, x in d0.state.items()}
+    rows = lambda tensors: torch.cat([x[r:r + 1] for x, (_, r) in zip(tensors, parts)])   # row r of each
+    new.state = dict(d0.state)      # the rest of the state is shared
+    for t in ("table_in", "table_out", "trie"):
+        if t in new.state:
+            new.state[t] = rows([d.state[t] for d, _ in parts])
+    for t in ("k", "v"):            # one tensor per layer
+        new.state[t] = [rows([d.state[t][i] for d, _ in parts]) for i in range(len(d0.state[t]))]
     if "table_out" in new.state and d0.state["table_out"] is d0.state["table_in"]:
         new.state["table_out"] = new.state["table_in"]
     new.state["rows"] = torch.arange(len(parts), device=d0.model.device)[:, None]

@@ -431,8 +431,11 @@ class SelfAttention(nn.Module):
         q, k, v = (z.view(B, T, self.n_head, d // self.n_head).transpose(1, 2) for z in (q, k, v))  # (B, nh, T, hs)
         if cache is not None:
             k_cache, v_cache, slots = cache
-            at = slots[:, None, :, None].expand(B, self.n_head, T, d // self.n_head)
-            k, v = k_cache.scatter_(2, at, k), v_cache.scatter_(2, at, v)   # (B, nh, block_size, hs)
+            rows = torch.arange(B, device=x.device)[:, None]               # (B, 1)
+            # written in place (an indexed assignment: compiled, it writes into the cache, where a
+            # scatter_ would copy the cache out and back), then attention reads all of it
+            k_cache[rows, :, slots], v_cache[rows, :, slots] = k.transpose(1, 2), v.transpose(1, 2)   # (B, T, nh, hs)
+            k, v = k_cache, v_cache                                         # (B, nh, block_size, hs)
         dropout = self.dropout if self.training else 0.0
         causal = self.causal and mask is None
         y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, dropout_p=dropout, is_causal=causal)

@@ -1,6 +1,8 @@
 """torch.compile on the CPU (inductor): the static decoding step compiles once, whatever the rows
 and prompts, and greedy decoding gives the same codes as the eager step. Graphs are counted
 with dynamo's own counters. (On a GPU the same step runs as a CUDA graph: gpu_check.sh.)"""
+import re
+
 import pytest
 import torch
 from torch._dynamo.utils import counters
@@ -35,6 +37,8 @@ def test_the_compiled_decoding_step_builds_one_graph_and_decodes_like_eager(fres
     assert counters["stats"]["unique_graphs"] == 2
 
 
+# (config.patch, not monkeypatch: undoing a monkeypatch deletes dynamo's setting, and later tests fail)
+@torch._dynamo.config.patch(fail_on_recompile_limit_hit=True, recompile_limit=4)
 def test_a_compiled_training_run_builds_a_handful_of_graphs(fresh_dynamo, monkeypatch, tmp_path):
     # 8 layers (the GPU default), through training, evaluation and the end sample. Dynamo's graph
     # count does not depend on the backend, so "eager" keeps this fast; a recompile per layer or
@@ -49,8 +53,6 @@ def test_a_compiled_training_run_builds_a_handful_of_graphs(fresh_dynamo, monkey
         return compile_(model, backend="eager", **kw)
 
     monkeypatch.setattr(torch, "compile", eager)
-    monkeypatch.setattr(torch._dynamo.config, "fail_on_recompile_limit_hit", True)
-    monkeypatch.setattr(torch._dynamo.config, "recompile_limit", 4)
     data = tmp_path / "data"
     data.mkdir()
     ids = z.Tokenizer().encode_base(open(z.__file__).read())      # this file's own text
@@ -61,3 +63,24 @@ def test_a_compiled_training_run_builds_a_handful_of_graphs(fresh_dynamo, monkey
     assert out["iter_num"] == 4
     # the blocks in training, the blocks in evaluation (no_grad: same shapes, padded), the step
     assert counters["stats"]["unique_graphs"] == 3
+
+
+def test_the_compiled_step_reads_bf16_weights_and_writes_the_cache_in_place(fresh_dynamo):
+    # inductor's code for the step of a model trained in fp32, decoding under bf16 autocast (train.py's
+    # end sample on a GPU): it must not cast the weights at every call (it reads a bf16 copy), nor copy a
+    # layer's cache (B, nh, block, hs) out and back to write one key (the step writes in place)
+    from torch._inductor.utils import run_and_get_code
+    model = tiny(n_layer=1, block_size=40)          # 40: no other buffer has a cache's shape
+    c, prompts = model.config, [codes_of(s, model, n) for s, n in ((0, 3), (1, 12))]
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        dec, (code,) = run_and_get_code(fastgen.StaticStepper, model, prompts, temperature=0, compile=True)
+        eager = fastgen.StaticStepper(model, prompts, temperature=0)
+        for _ in range(3):
+            torch.testing.assert_close(dec.logits, eager.logits, atol=0.1, rtol=0.02)
+            dec.advance(eager.next)
+            eager.advance(eager.next)
+    assert counters["stats"]["unique_graphs"] == 1
+    call, inputs = code[code.index("def call("):], code[code.index("def get_args("):]
+    assert "torch.float32" not in inputs                                        # every weight in bf16
+    assert f"empty_strided_cpu((2, {c.n_head}, 40, {c.n_embd // c.n_head})," not in call   # no copy of a cache
+    assert not re.search(r"(?<!_to)_copy_", call)                              # nor of any other input (copy_)

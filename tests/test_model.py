@@ -528,7 +528,7 @@ def test_bf16_logits_stay_bf16_and_no_fp32_copy_of_them():
     assert logits.dtype == torch.bfloat16 and watch.seen == [], watch.seen
     with torch.autocast("cpu", dtype=torch.bfloat16), torch.no_grad():
         dec = fastgen.StaticStepper(model.eval(), [row[:5]])
-    assert dec.state["k"].dtype == dec.state["table_in"].dtype == torch.bfloat16
+    assert dec.state["k"][0].dtype == dec.state["table_in"].dtype == torch.bfloat16
 
 
 def test_the_canonical_mask_allocates_nothing_the_size_of_the_logits():

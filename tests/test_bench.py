@@ -6,6 +6,7 @@ import os
 import random
 import re
 import subprocess
+import sys
 
 import pytest
 import torch
@@ -171,15 +172,24 @@ def test_reproduce_training_sets_quick(tmp_path, capsys):
 
 def test_gpu_check_plumbing_on_the_cpu(tmp_path):
     # gpu_check.sh is the one prepared command for a GPU: its smoke mode runs every step of it on
-    # the CPU with tiny settings, so that the day a GPU runs it, it does not fail on a typo
-    out = tmp_path / "gpu_check.json"
-    p = subprocess.run(["bash", os.path.join(ROOT, "gpu_check.sh"), str(out)], capture_output=True, text=True,
-                       env={**os.environ, "GPU_CHECK_SMOKE": "1", "OMP_NUM_THREADS": "1"}, timeout=600)
-    assert p.returncode == 0, p.stdout[-2000:] + p.stderr[-2000:]
+    # the CPU with tiny settings, so that the day a GPU runs it, it does not fail on a typo. One
+    # part is made to fail (a `python` on the PATH that refuses the compiled decoding part): the
+    # others still run, and the JSON holds what they measured and what the failing one printed.
+    out, shim = tmp_path / "gpu_check.json", tmp_path / "bin"
+    shim.mkdir()
+    (shim / "python").write_text(f'#!/bin/sh\ncase "$*" in *--parts=decode*--compile=True*) echo "injected failure"; exit 3;; esac\n'
+                                 f'exec {sys.executable} "$@"\n')
+    (shim / "python").chmod(0o755)
+    p = subprocess.run(["bash", os.path.join(ROOT, "gpu_check.sh"), str(out)], capture_output=True, text=True, timeout=600,
+                       env={**os.environ, "GPU_CHECK_SMOKE": "1", "OMP_NUM_THREADS": "1",
+                            "PATH": f"{shim}:{os.environ['PATH']}"})
+    assert p.returncode == 1 and "failed: decode_compiled" in p.stdout, p.stdout[-2000:] + p.stderr[-2000:]
     report = json.loads(out.read_text())
-    assert set(report) == {"bench", "decode", "decode_compiled", "train"}
-    for decode in (report["decode"], report["decode_compiled"]):
-        assert decode["batch_1"]["ratio"] > 0 and decode["batch_8"]["zip2zip_ops"] > 0
+    assert set(report) == {"parts", "bench", "decode", "train"}
+    assert {k: v["exit_status"] for k, v in report["parts"].items()} == \
+        {"bench": 0, "decode": 0, "decode_compiled": 3, "train_True": 0, "train_False": 0}
+    assert "injected failure" in report["parts"]["decode_compiled"]["output_tail"]
+    assert report["decode"]["batch_1"]["ratio"] > 0 and report["decode"]["batch_8"]["zip2zip_ops"] > 0
     for compile in ("True", "False"):
         steps = report["train"][f"compile_{compile}"]
         assert [s["iter"] for s in steps] == [1, 2] and all(s["codes_per_s"] > 0 for s in steps)

@@ -84,3 +84,25 @@ def test_the_compiled_step_reads_bf16_weights_and_writes_the_cache_in_place(fres
     assert "torch.float32" not in inputs                                        # every weight in bf16
     assert f"empty_strided_cpu((2, {c.n_head}, 40, {c.n_embd // c.n_head})," not in call   # no copy of a cache
     assert not re.search(r"(?<!_to)_copy_", call)                              # nor of any other input (copy_)
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+def test_on_cuda_the_compiled_step_decodes_like_eager(fresh_dynamo):
+    # one CUDA graph replay a step (mode reduce-overhead): in fp32 (TF32 off) the eager step's greedy
+    # codes; in bf16 (the step reads a bf16 copy of the weights, eager casts under autocast) logits
+    # within bf16's rounding, step after step
+    model = tiny(n_layer=2, block_size=16).cuda()
+    prompts = [codes_of(s, model, n) for s, n in ((0, 3), (1, 12))]     # ragged, and past the context
+    tf32, torch.backends.cuda.matmul.allow_tf32 = torch.backends.cuda.matmul.allow_tf32, False
+    try:
+        compiled = fastgen.generate(model, prompts, 24, top_k=1, compile=True)
+        assert compiled == fastgen.generate(model, prompts, 24, top_k=1)
+    finally:
+        torch.backends.cuda.matmul.allow_tf32 = tf32
+    with torch.autocast("cuda", dtype=torch.bfloat16):
+        dec = fastgen.StaticStepper(model, prompts, temperature=0, compile=True)
+        eager = fastgen.StaticStepper(model, prompts, temperature=0)
+        for _ in range(24):
+            torch.testing.assert_close(dec.logits, eager.logits, atol=0.1, rtol=0.02)
+            dec.advance(eager.next)
+            eager.advance(eager.next)

@@ -1,8 +1,10 @@
 """What a GPU run needs from train.py that a CPU can check: the printed torchrun commands pass their
 own checks, DDP takes the device it is given, the clock waits for the device where a figure is
-reported, and the loader's default workers fit the CPUs the job may use."""
+reported, the loader's default workers fit the CPUs the job may use, and the torch floor is
+past the CUDA grid limit older versions hit."""
 import json
 import os
+import re
 import shlex
 import time
 from contextlib import ExitStack
@@ -81,3 +83,10 @@ def test_the_loader_starts_a_few_workers_on_the_cpus_it_may_use(monkeypatch):
     assert loader.default_workers(1) == loader.default_workers(8) == loader.MAX_WORKERS
     monkeypatch.delattr(os, "sched_getaffinity")                         # macOS, Windows: no affinity
     assert loader.usable_cpus() == 256
+
+
+def test_the_torch_floor_is_past_the_cuda_grid_limit():
+    # torch < 2.8 can exceed a CUDA grid limit in the hyper-encoder's attention above batch_size ~70
+    floor = re.search(r"^torch>=(\d+)\.(\d+)", open(os.path.join(REPO, "requirements.txt")).read(), re.M).groups()
+    assert tuple(map(int, floor)) >= (2, 8)
+    assert f"torch >= {'.'.join(floor)}" in open(os.path.join(REPO, "README.md"), encoding="utf-8").read()

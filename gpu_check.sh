@@ -41,12 +41,13 @@ else
     part tests python -m pytest -q tests --junitxml="$work/tests.xml"
 fi
 part bench python bench.py --device=$device --parts=kernels,train --rounds=3 "${bench[@]}" --json="$work/bench.json"
-part decode python bench.py --device=$device --parts=decode "${bench[@]}" --json="$work/decode.json"
-part decode_compiled python bench.py --device=$device --parts=decode --compile=True "${bench[@]}" \
+part decode python bench.py --device=$device --parts=decode --rounds=3 "${bench[@]}" --json="$work/decode.json"
+part decode_compiled python bench.py --device=$device --parts=decode --rounds=3 --compile=True "${bench[@]}" \
     --json="$work/decode_compiled.json"
 for compile in True False; do
-    part "train_$compile" python train.py --device=$device --max_iters=$steps --eval_interval=$steps --log_interval=10 \
-        --sample_tokens=64 --max_seconds=0 --compile=$compile "${job[@]}" --out_dir="$work/train_$compile"
+    part "train_$compile" python train.py --device=$device --max_iters=$steps --eval_interval=$steps \
+        --log_interval=10 --sample_tokens=64 --max_seconds=0 --compile=$compile "${job[@]}" \
+        --out_dir="$work/train_$compile"
 done
 python - "$work" "$out" <<'PY'
 import json, os, re, sys, xml.etree.ElementTree as ET

@@ -177,11 +177,11 @@ def test_gpu_check_plumbing_on_the_cpu(tmp_path):
     # others still run, and the JSON holds what they measured and what the failing one printed.
     out, shim = tmp_path / "gpu_check.json", tmp_path / "bin"
     shim.mkdir()
-    (shim / "python").write_text(f'#!/bin/sh\ncase "$*" in *--parts=decode*--compile=True*) echo "injected failure"; exit 3;; esac\n'
-                                 f'exec {sys.executable} "$@"\n')
+    (shim / "python").write_text('#!/bin/sh\ncase "$*" in *--parts=decode*--compile=True*) echo "injected failure"; '
+                                 f'exit 3;; esac\nexec {sys.executable} "$@"\n')
     (shim / "python").chmod(0o755)
-    p = subprocess.run(["bash", os.path.join(ROOT, "gpu_check.sh"), str(out)], capture_output=True, text=True, timeout=600,
-                       env={**os.environ, "GPU_CHECK_SMOKE": "1", "OMP_NUM_THREADS": "1",
+    p = subprocess.run(["bash", os.path.join(ROOT, "gpu_check.sh"), str(out)], capture_output=True, text=True,
+                       timeout=600, env={**os.environ, "GPU_CHECK_SMOKE": "1", "OMP_NUM_THREADS": "1",
                             "PATH": f"{shim}:{os.environ['PATH']}"})
     assert p.returncode == 1 and "failed: decode_compiled" in p.stdout, p.stdout[-2000:] + p.stderr[-2000:]
     report = json.loads(out.read_text())

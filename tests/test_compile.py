@@ -40,9 +40,10 @@ def test_the_compiled_decoding_step_builds_one_graph_and_decodes_like_eager(fres
 # (config.patch, not monkeypatch: undoing a monkeypatch deletes dynamo's setting, and later tests fail)
 @torch._dynamo.config.patch(fail_on_recompile_limit_hit=True, recompile_limit=4)
 def test_a_compiled_training_run_builds_a_handful_of_graphs(fresh_dynamo, monkeypatch, tmp_path):
-    # 8 layers (the GPU default), through training, evaluation and the end sample. Dynamo's graph
-    # count does not depend on the backend, so "eager" keeps this fast; a recompile per layer or
-    # per step would hit dynamo's limit (8), and fail_on_recompile_limit_hit makes that an error.
+    # 8 layers in bf16 (the GPU default; the end sample decodes with a bf16 copy of the weights),
+    # through training, evaluation and the end sample. Dynamo's graph count does not depend on the
+    # backend, so "eager" keeps this fast; a recompile per layer or per step would hit dynamo's
+    # limit (8), and fail_on_recompile_limit_hit makes that an error.
     import train
     from tests.test_train import tiny
 
@@ -58,7 +59,7 @@ def test_a_compiled_training_run_builds_a_handful_of_graphs(fresh_dynamo, monkey
     ids = z.Tokenizer().encode_base(open(z.__file__).read())      # this file's own text
     for split, part in (("train", ids[:20000]), ("val", ids[20000:30000])):
         torch.tensor([50256] + part, dtype=torch.int32).numpy().astype("uint16").tofile(data / f"{split}.bin")
-    out = train.main(tiny(data, tmp_path / "out", "--compile=True", "--n_layer=8", "--max_iters=4",
+    out = train.main(tiny(data, tmp_path / "out", "--compile=True", "--dtype=bfloat16", "--n_layer=8", "--max_iters=4",
                           "--eval_interval=2", "--sample_tokens=40"))   # past the context: crops too
     assert out["iter_num"] == 4
     # the blocks in training, the blocks in evaluation (no_grad: same shapes, padded), the step

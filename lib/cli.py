@@ -15,7 +15,7 @@ from contextlib import contextmanager, nullcontext
 
 import torch
 
-from zip2zip import GPT, GPTConfig, Tokenizer
+from zip2zip import GPT, GPTConfig, Tokenizer, lzw_decode
 
 
 @contextmanager
@@ -295,8 +295,9 @@ def tokenizer_for(config):
 
 def segments(tok, codes):
     """[(code, text)] for each code. Text is decoded incrementally, so a character split across
-    codes is shown with the code that completes it."""
-    lzw, utf8, out = tok.codec(), codecs.getincrementaldecoder("utf-8")("replace"), []
+    codes is shown with the code that completes it; bytes that are not UTF-8 text where they stand
+    (a character cut off at the end, or bytes out of order) are shown as escapes such as \\xe2."""
+    lzw, utf8, out = tok.codec(), codecs.getincrementaldecoder("utf-8")("backslashreplace"), []
     for i, code in enumerate(codes):
         ids, _ = lzw.push(code, i)
         out.append((code, utf8.decode(b"".join(tok.token_bytes[t] for t in ids))))
@@ -309,29 +310,43 @@ COLORS = (41, 44)   # red and blue backgrounds, alternating, so neighbouring hyp
 
 
 def show(tok, codes, color=True, skip=0):
-    """The text of codes[skip:] with each hypertoken marked, after a one-line legend saying how
-    (no legend when there is no hypertoken to mark). The first `skip` codes (a prompt, say) only
-    build the codebook the rest is decoded with; they are not shown.
+    """The text of codes[skip:] as it reads, with each hypertoken marked in a way that keeps its
+    layout, after legend lines saying how (none when there is nothing to explain). The first
+    `skip` codes (a prompt, say) only build the codebook the rest is decoded with; not shown.
 
-    color=True: alternating background colours (ANSI). False: the first pair of MARKS that the
-    text (the skipped codes' included) does not contain. Example, no colour, on
-    "def f(x):\\n    return x\\n\\ndef g(x):\\n    return x\\n" (M=4):
-    "hypertokens are shown ⟦like this⟧\\ndef f(x):\\n ⟦  ⟧ return x\\n\\ndef g⟦(x⟧⟦):\\n⟧⟦  ⟧ ⟦ return x⟧\\n"."""
+    color=True (a terminal): alternating background colours (ANSI) on each hypertoken, its
+    whitespace included, closed before a line break and opened again after it. color=False (a log,
+    a pipe): the first pair of MARKS that the text (the skipped codes' included) does not contain,
+    around each line's part of a hypertoken from its first to its last visible character, so that
+    line breaks and indentation stay as they are (a hypertoken of whitespace alone is not marked).
+    Bytes that are not UTF-8 text where they stand are shown as \\xNN, and the legend says so.
+    Example, no colour, on "def f(x):\\n    return x\\n\\ndef g(x):\\n    return x\\n" (M=4): the legend
+    "hypertokens are shown ⟦like this⟧", then "def f(x):\\n    return x\\n\\ndef g⟦(x⟧⟦):⟧\\n    ⟦return x⟧\\n"
+    (whitespace at either end of a hypertoken's line is left outside the marks; colours show it)."""
     pieces = segments(tok, codes)
     text = "".join(t for _, t in pieces)
-    shown = pieces[skip:]
     if color:
-        paint = lambda k, t: f"\x1b[{COLORS[k % 2]};97m{t}\x1b[0m"
+        paint = lambda k, t: f"\x1b[{COLORS[k % 2]};97m{t}\x1b[0m" if t else t
         legend = f"hypertokens are shown {paint(0, 'like')} {paint(1, 'this')}"
     else:
         left, right = next((pair for pair in MARKS if not set("".join(pair)) & set(text)), MARKS[-1])
-        paint = lambda k, t: f"{left}{t}{right}"
+
+        def paint(k, t):   # around the visible part of one line: its whitespace stays where it is
+            core = t.strip()
+            i = t.find(core)
+            return f"{t[:i]}{left}{core}{right}{t[i + len(core):]}" if core else t
         legend = f"hypertokens are shown {left}like this{right}"
     parts, k = [], 0
-    for code, t in shown:
+    for code, t in pieces[skip:]:
         if code < tok.vocab_size:
             parts.append(t)
-        else:
-            parts.append(paint(k, t))
+        else:   # line by line: no mark or colour spans a line break
+            parts.append("\n".join(paint(k, line) for line in t.split("\n")))
             k += 1
-    return (legend + "\n" if k else "") + "".join(parts)
+    notes = [legend] if k else []
+    ids = lzw_decode(codes, tok.vocab_size, tok.max_codebook_size, tok.max_subtokens, tok.disabled_ids)
+    try:
+        b"".join(tok.token_bytes[t] for t in ids).decode("utf-8")
+    except UnicodeDecodeError:   # e.g. a sample that ends inside a character
+        notes.append("\\xNN is a byte that is not UTF-8 text where it stands (a character cut off or out of order)")
+    return "".join(note + "\n" for note in notes) + "".join(parts)

@@ -229,6 +229,33 @@ def test_show_marks_cannot_be_taken_for_the_text(tok):
     assert cli.show(tok, tok.encode("no repeats"), color=False) == "no repeats"    # nothing to mark, no legend
 
 
+CODE = ("class A:\n    def f(self):\n        return 1\n\n    def g(self):\n        return 2\n\n"
+        "    def h(self):\n        return 3\n\ndef f(x):\n    return x\n\ndef g(x):\n    return x\n")
+
+
+def test_show_keeps_the_layout_of_code(tok):
+    # the text reads as code: no mark or colour spans a line break, no mark sits in indentation
+    shown = cli.show(tok, tok.encode(CODE), color=False)
+    lines, originals = shown.split("\n")[1:], CODE.split("\n")
+    assert "⟦" in shown and unmark(shown, "⟦", "⟧") == CODE
+    for line, original in zip(lines, originals):
+        assert line.count("⟦") == line.count("⟧")
+        assert len(line) - len(line.lstrip()) == len(original) - len(original.lstrip()), (line, original)
+        assert "⟦ " not in line and " ⟧" not in line and "⟦⟧" not in line   # whitespace stays outside the marks
+    coloured = cli.show(tok, tok.encode(CODE), color=True)
+    assert re.sub("\x1b\\[[0-9;]*m", "", coloured).split("\n", 1)[1] == CODE
+    for line in coloured.split("\n"):
+        assert len(re.findall("\x1b\\[4[14];97m", line)) == line.count("\x1b[0m")
+
+
+def test_show_a_cut_character_as_its_bytes(tok):
+    ids = tok.encode_base("🙂")                 # two base tokens: the first ends inside the character
+    assert len(ids) == 2 and cli.show(tok, tok.encode("🙂"), color=False) == "🙂"
+    shown = cli.show(tok, ids[:1], color=False)
+    assert shown == "\\xNN is a byte that is not UTF-8 text where it stands (a character cut off or out of order)" \
+                    "\n\\xf0\\x9f"
+
+
 def test_show_skips_the_prompt(tok):
     prompt, more = "def f(x):\n    return x\n", "\ndef f(x):\n    return x\n"
     codes = tok.encode(prompt + more)

@@ -161,10 +161,8 @@ def check_config(cfg, world):
 
 def read_config(argv, cuda, world):
     """The TrainConfig of the command line, checked. ValueError says what is wrong."""
-    cfg = TrainConfig()
-    if not cuda:
-        cli.configure(cfg, [os.path.join(REPO, "config", "cpu.py")])
-    rest = cli.configure(cfg, argv)
+    cfg = TrainConfig()   # without CUDA config/cpu.py comes first, in the same call: --help shows it
+    rest = cli.configure(cfg, ([] if cuda else [os.path.join(REPO, "config", "cpu.py")]) + list(argv))
     if rest:
         raise ValueError(f"unexpected arguments {rest}: expected preset files config/x.py and --key=value")
     check_config(cfg, world)

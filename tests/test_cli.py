@@ -111,9 +111,10 @@ def test_a_misspelt_setting_names_the_closest_one(tmp_path):
 
 
 def test_readers_of_a_checkpoint_look_where_train_writes_by_default():
+    import harness   # (imports without lm-eval too)
     import train
     assert cli.train_out_dir() == train.read_config([], torch.cuda.is_available(), 1).out_dir
-    assert sample.SampleConfig().out_dir == cli.train_out_dir()
+    assert sample.SampleConfig().out_dir == harness.HarnessConfig().out_dir == cli.train_out_dir()
 
 
 # -----------------------------------------------------------------------------

@@ -117,6 +117,13 @@ def test_readers_of_a_checkpoint_look_where_train_writes_by_default():
     assert sample.SampleConfig().out_dir == harness.HarnessConfig().out_dir == cli.train_out_dir()
 
 
+def test_no_test_reaches_the_network():
+    # conftest.py refuses to look up any host but this machine: a download fails at once, offline or not
+    import socket
+    with pytest.raises(socket.gaierror, match="the tests run offline"):
+        socket.create_connection(("example.com", 443), timeout=1)
+
+
 # -----------------------------------------------------------------------------
 # one-line errors
 

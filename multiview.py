@@ -73,6 +73,9 @@ def prefix_nlls(model, ids, ends, beam_size=16):
             dec = gather_rows([(d, row) for _, d, row, _ in beam])
             dec.advance([code for *_, code in beam])
         logp = F.log_softmax(dec.logits.float(), dim=-1)                    # (paths, W)
+        # subtle: a canonical model without a disabled id can mask every code after a path (a dead end,
+        # DESIGN.md 2.1); such a path has probability 0, but log_softmax of its row is NaN: make it -inf
+        logp = logp.masked_fill(logp.isnan(), float("-inf"))
         steps = logp[:, [code for code, _ in choices[p]]].tolist()          # (paths, choices)
         last = {e: logp[:, codes].logsumexp(-1).tolist() for e, codes in finals[p].items()}
         for i, (lp, *_) in enumerate(beam):
@@ -80,7 +83,8 @@ def prefix_nlls(model, ids, ends, beam_size=16):
                 if step > float("-inf"):
                     paths.setdefault(p + length, []).append((lp + step, dec, i, code))
             for e in last:                    # the path ends here: the code at p spells ids[p:e] and goes on
-                done[e].append(lp + last[e][i])
+                if last[e][i] > float("-inf"):
+                    done[e].append(lp + last[e][i])
     return [0.0 if e == 1 else -torch.logsumexp(torch.tensor(done[e], dtype=torch.float64), 0).item() for e in ends]
 
 
@@ -95,11 +99,12 @@ def loglikelihoods(model, context, continuations, beam_size=16):
     """GPT.loglikelihoods with both prefix probabilities summed over segmentations: exact for any
     model when the beam holds every path. is_greedy is GPT.loglikelihoods', along the canonical
     codes. beam_size 0: GPT.loglikelihoods itself."""
-    out = model.loglikelihoods(context, continuations)
+    ctx = as_ids(context, "context")
+    conts = [as_ids(x, "continuation") for x in continuations]   # read once: it may be a generator
+    out = model.loglikelihoods(ctx, conts)
     if beam_size == 0:
         return out
-    ctx = as_ids(context, "context")
-    return [(nll_ctx - nll_all, greedy) for x, (_, greedy) in zip(map(as_ids, continuations), out)
+    return [(nll_ctx - nll_all, greedy) for x, (_, greedy) in zip(conts, out)
             for nll_ctx, nll_all in [prefix_nlls(model, ctx + x, [len(ctx), len(ctx) + len(x)], beam_size)]]
 
 

@@ -14,7 +14,7 @@ keeps the last block_size codes and the whole codebook. An empty prompt starts f
 
 import sys
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import torch
 
@@ -25,7 +25,8 @@ from zip2zip import lzw_decode, lzw_encode
 
 @dataclass
 class SampleConfig:
-    out_dir: str = "out"          # train.py's out_dir (a folder holding ckpt.pt), or a checkpoint file
+    out_dir: str = field(default_factory=cli.train_out_dir)   # train.py's out_dir (a folder holding ckpt.pt) or
+                                  # a checkpoint file; by default where `python train.py` writes on this machine
     start: str = "\n"             # the prompt; "FILE:path" reads it from a file; "": <|endoftext|> only
     num_samples: int = 3          # samples drawn one after the other
     max_new_tokens: int = 256     # codes per sample; on code each stands for about 2 base tokens

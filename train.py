@@ -47,7 +47,7 @@ import multiview
 import zip2zip
 from lib import adapt, cli, loader, outdir
 from lib.loader import EOT, build_batch, check_tokens, eval_windows
-from lib.meter import Meter, flops_per_batch, hms, sync
+from lib.meter import Meter, eta_seconds, flops_per_batch, hms, sync
 from zip2zip import GPT, GPTConfig
 
 REPO = os.path.dirname(os.path.abspath(__file__))
@@ -163,10 +163,8 @@ def check_config(cfg, world):
 
 def read_config(argv, cuda, world):
     """The TrainConfig of the command line, checked. ValueError says what is wrong."""
-    cfg = TrainConfig()
-    if not cuda:
-        cli.configure(cfg, [os.path.join(REPO, "config", "cpu.py")])
-    rest = cli.configure(cfg, argv)
+    cfg = TrainConfig()   # without CUDA config/cpu.py comes first, in the same call: --help shows it
+    rest = cli.configure(cfg, ([] if cuda else [os.path.join(REPO, "config", "cpu.py")]) + list(argv))
     if rest:
         raise ValueError(f"unexpected arguments {rest}: expected preset files config/x.py and --key=value")
     check_config(cfg, world)
@@ -401,7 +399,8 @@ def build_model(env):
         raise SystemExit(f"error: {e}")
     if model.config.has_hypertokens and (model.config.recon_lambda == 0 or model.config.recon_max_entries == 0):
         model.recon.requires_grad_(False)   # unused: DDP would wait for its gradient
-    run = SimpleNamespace(raw_model=model.to(env.device), metrics=None, history=[], stop=False)
+    run = SimpleNamespace(raw_model=model.to(env.device), metrics=None, history=[], stop=False, eval_seconds=0.0,
+                          last_eval=0.0)
     env.mconf = model.config                # adapting takes the source's architecture
     if env.device_type == "cuda":
         kernels.use_kernels(model)          # the fused embedding lookups
@@ -446,7 +445,7 @@ def save(env, run):
 
 def evaluate(env, run, windows):
     """estimate_loss on the validation windows; printed, logged and saved with a checkpoint."""
-    cfg, it = env.cfg, run.iter_num
+    cfg, it, t0 = env.cfg, run.iter_num, time.perf_counter()
     run.metrics = m = estimate_loss(run.raw_model, windows, cfg.batch_size, env.ctx, env.rank, env.world,
                                     cfg.compile, cfg.eval_beam)
     run.best_val_loss = min(run.best_val_loss, m["loss"])
@@ -458,6 +457,8 @@ def evaluate(env, run, windows):
         run.log["evals"] = [e for e in run.log["evals"] if e["iter"] < it] + \
             [{"iter": it, "train_seconds": run.train_seconds, **m}]
         save(env, run)
+    run.last_eval = time.perf_counter() - t0              # for the ETA: evaluations take time too
+    run.eval_seconds += run.last_eval
 
 
 # -------------------------------------------------------------------------- the loop
@@ -549,13 +550,13 @@ def log_progress(env, run, losses, lr, dt, meter, batches):
     now = time.perf_counter()
     wall, eta = now - run.t_start, ""                   # evaluations included
     if it == run.start_iter + 1:   # the first step warms up (compilation, first batches):
-        run.first_done = now, meter.total["seconds"]    # the ETA is timed from the steps after it
+        run.first_done = now, meter.total["seconds"], run.eval_seconds   # the ETA is timed from the steps after it
     else:
-        since = now - run.first_done[0]
-        left = (cfg.max_iters - it) * since / (it - run.start_iter - 1)
-        if cfg.max_seconds > 0:   # the time budget counts training steps only
-            steps = max(meter.total["seconds"] - run.first_done[1], 1e-9)
-            left = min(left, (cfg.max_seconds - run.train_seconds) * since / steps)
+        n = it - run.start_iter - 1      # steps timed; the evaluations among them are counted apart
+        step_wall = (now - run.first_done[0] - (run.eval_seconds - run.first_done[2])) / n
+        step_train = (meter.total["seconds"] - run.first_done[1]) / n
+        left = eta_seconds(it, cfg.max_iters, cfg.max_seconds, run.train_seconds, cfg.eval_interval, step_wall,
+                           step_train, run.last_eval)
         eta = f", ETA {hms(left)}"
     built = cfg.loader != "sync" and batches.speed()      # codes/s the workers can build
     print(f"iter {it}: loss {lm:.4f}" + (f", recon {recon:.4f}" if env.mconf.has_hypertokens else "") +

@@ -15,7 +15,7 @@ from contextlib import contextmanager, nullcontext
 
 import torch
 
-from zip2zip import GPT, GPTConfig, Tokenizer
+from zip2zip import GPT, GPTConfig, Tokenizer, lzw_decode
 
 
 @contextmanager
@@ -97,24 +97,33 @@ def configure(config, args, presets=True, positional=True):
     in order.
 
     A preset (`config/name.py`) is a file of `key = literal` lines: parsed, never executed.
-    Unknown keys and values of the wrong type raise ValueError naming them. `--help` or `-h`
-    anywhere prints help_text(config) and exits with status 0. Returns the remaining
-    positional arguments; with positional=False (a script that takes none) one is a ValueError.
+    Unknown keys (with the closest known one) and values of the wrong type raise ValueError naming
+    them. `--help` or `-h` anywhere prints help_text(config) with the values in force (presets and
+    other arguments applied, any that fail skipped: help wins) and exits with status 0. Returns
+    the remaining positional arguments; with positional=False (a script that takes none) one is a
+    ValueError.
     """
     import ast
     import dataclasses
-    if "--help" in args or "-h" in args:
-        print(help_text(config))
-        raise SystemExit(0)
+    import difflib
+    import io
+    import tokenize
+    wants_help = "--help" in args or "-h" in args
     known = {f.name for f in dataclasses.fields(config)}
+    origins = {}   # key -> (preset file, the comment on its line), for help: where a value came from
 
-    def set_value(key, value, where):
+    def set_value(key, value, where, origin=None):
         if key not in known:
-            raise ValueError(f"{where}: unknown key {key!r}; known keys: {', '.join(sorted(known))} (see --help)")
+            close = difflib.get_close_matches(key, known, n=1)
+            dashes = "--" if where.startswith("--") else ""
+            raise ValueError(f"{where}: unknown key {key!r}; " +
+                             (f"did you mean {dashes}{close[0]}?" if close else "--help lists the settings"))
         setattr(config, key, _coerce(value, getattr(config, key), where))
+        origins.pop(key, None)
+        if origin:
+            origins[key] = origin
 
-    rest = []
-    for arg in args:
+    def apply(arg):
         if arg.startswith("--"):
             key, eq, value = arg[2:].partition("=")
             if not eq and key in known:   # a bare --flag sets a True/False setting
@@ -125,7 +134,10 @@ def configure(config, args, presets=True, positional=True):
         elif presets and arg.endswith(".py"):
             if not os.path.isfile(arg):
                 raise ValueError(f"preset {arg!r} not found")
-            for node in ast.parse(open(arg).read(), arg).body:
+            source, name = open(arg).read(), _shown_path(arg)
+            comments = {t.start[0]: t.string.lstrip("#").strip() for t in
+                        tokenize.generate_tokens(io.StringIO(source).readline) if t.type == tokenize.COMMENT}
+            for node in ast.parse(source, arg).body:
                 where = f"{arg}:{node.lineno}"
                 if not (isinstance(node, ast.Assign) and len(node.targets) == 1
                         and isinstance(node.targets[0], ast.Name)):
@@ -134,12 +146,40 @@ def configure(config, args, presets=True, positional=True):
                     value = ast.literal_eval(node.value)
                 except ValueError:
                     raise ValueError(f"{where}: the value of {node.targets[0].id} is not a literal") from None
-                set_value(node.targets[0].id, value, where)
+                set_value(node.targets[0].id, value, where, (name, comments.get(node.end_lineno, "")))
         else:
-            rest.append(arg)
+            return arg
+
+    rest = []
+    for arg in args:
+        if arg in ("--help", "-h"):
+            continue
+        try:
+            if apply(arg) is not None:
+                rest.append(arg)
+        except ValueError:
+            if not wants_help:
+                raise
+    if wants_help:
+        print(help_text(config, origins))
+        raise SystemExit(0)
     if rest and not positional:
         raise ValueError(f"unexpected argument {rest[0]!r} (options are --key=value; see --help)")
     return rest
+
+
+def _shown_path(path):
+    """A preset's path as the reader would type it: relative to the repository when inside it."""
+    repo = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    full = os.path.abspath(path)
+    return os.path.relpath(full, repo) if full.startswith(repo + os.sep) else path
+
+
+def train_out_dir():
+    """Where `python train.py` writes on this machine, so that the scripts that read a checkpoint
+    find it by default: TrainConfig's "out" with CUDA; without, config/cpu.py's "out-cpu" (which
+    train.py applies there; a test keeps the two in step)."""
+    return "out" if torch.cuda.is_available() else "out-cpu"
 
 
 def field_comments(cls):
@@ -183,11 +223,13 @@ def _typed(value):
     return value if isinstance(value, str) and value and value.isprintable() and " " not in value else repr(value)
 
 
-def help_text(config):
+def help_text(config, origins=None):
     """--help: the script's summary and usage (its module docstring's first paragraph, and its
-    lines that start with `python` or `torchrun`), then every setting with its value and its
-    comment in the dataclass. A value that presets changed (train.py's config/cpu.py on a
-    machine without CUDA) shows the dataclass default beside it."""
+    lines that start with `python` or `torchrun`), then every setting with the value in force
+    and its comment in the dataclass. A value that a preset set (train.py's config/cpu.py on a
+    machine without CUDA) is labelled with the preset and its comment, and the dataclass comment
+    is said to be the default's, since it explains that value: `origins` maps such a key to
+    (preset file, comment). A value changed otherwise shows the dataclass default beside it."""
     import dataclasses
     import sys
     doc = (sys.modules[type(config).__module__].__doc__ or "").strip("\n")
@@ -198,14 +240,20 @@ def help_text(config):
     if usage:
         out += ["usage:"] + usage + [""]
     defaults = {f.name: f.default for f in dataclasses.fields(config)}
+    origins = origins or {}
     rows = []
     for name, comment in field_comments(type(config)):
         if name is None:
             rows.append((f"# {comment}", ""))
             continue
-        value = getattr(config, name)
-        if defaults[name] is not dataclasses.MISSING and value != defaults[name]:
-            comment = f"{comment} (default {_typed(defaults[name])})".strip()
+        value, default = getattr(config, name), defaults[name]
+        if default is not dataclasses.MISSING and value != default:
+            if name in origins:   # e.g. "config/cpu.py: a high rate; default 0.001: peak; ..."
+                preset, why = origins[name]
+                comment = f"{preset}{': ' + why if why else ''}; default {_typed(default)}" + \
+                    (f": {comment}" if comment else "")
+            else:
+                comment = f"{comment} (default {_typed(default)})".strip()
         rows.append((f"--{name}={_typed(value)}", comment))
     width = min(max(len(a) for a, _ in rows), 34)
     out.append("settings (--key=value; the value shown is the one that applies):")
@@ -226,12 +274,15 @@ def load_checkpoint(path, device="cpu"):
     FileNotFoundError) say what is wrong in one line.
     """
     import dataclasses
+    import glob
     import pickle
     import re
     import warnings
     file = os.path.join(path, "ckpt.pt") if os.path.isdir(path) else path
-    if not os.path.isfile(file):
-        raise FileNotFoundError(f"no checkpoint at {path!r} (expected a file or a folder holding ckpt.pt)")
+    if not os.path.isfile(file):   # say where there are some: a newcomer's run may have gone elsewhere
+        found = sorted(os.path.dirname(p) for p in glob.glob(os.path.join("out*", "ckpt.pt")))
+        raise FileNotFoundError(f"no checkpoint at {path!r} (expected a file or a folder holding ckpt.pt); " + (
+            f"checkpoints in this folder: {', '.join(found)}" if found else "python train.py makes one"))
     try:
         with warnings.catch_warnings():   # an old-style pickle draws a warning before its error
             warnings.filterwarnings("ignore", message="Detected pickle protocol")
@@ -295,8 +346,9 @@ def tokenizer_for(config):
 
 def segments(tok, codes):
     """[(code, text)] for each code. Text is decoded incrementally, so a character split across
-    codes is shown with the code that completes it."""
-    lzw, utf8, out = tok.codec(), codecs.getincrementaldecoder("utf-8")("replace"), []
+    codes is shown with the code that completes it; bytes that are not UTF-8 text where they stand
+    (a character cut off at the end, or bytes out of order) are shown as escapes such as \\xe2."""
+    lzw, utf8, out = tok.codec(), codecs.getincrementaldecoder("utf-8")("backslashreplace"), []
     for i, code in enumerate(codes):
         ids, _ = lzw.push(code, i)
         out.append((code, utf8.decode(b"".join(tok.token_bytes[t] for t in ids))))
@@ -309,29 +361,43 @@ COLORS = (41, 44)   # red and blue backgrounds, alternating, so neighbouring hyp
 
 
 def show(tok, codes, color=True, skip=0):
-    """The text of codes[skip:] with each hypertoken marked, after a one-line legend saying how
-    (no legend when there is no hypertoken to mark). The first `skip` codes (a prompt, say) only
-    build the codebook the rest is decoded with; they are not shown.
+    """The text of codes[skip:] as it reads, with each hypertoken marked in a way that keeps its
+    layout, after legend lines saying how (none when there is nothing to explain). The first
+    `skip` codes (a prompt, say) only build the codebook the rest is decoded with; not shown.
 
-    color=True: alternating background colours (ANSI). False: the first pair of MARKS that the
-    text (the skipped codes' included) does not contain. Example, no colour, on
-    "def f(x):\\n    return x\\n\\ndef g(x):\\n    return x\\n" (M=4):
-    "hypertokens are shown ⟦like this⟧\\ndef f(x):\\n ⟦  ⟧ return x\\n\\ndef g⟦(x⟧⟦):\\n⟧⟦  ⟧ ⟦ return x⟧\\n"."""
+    color=True (a terminal): alternating background colours (ANSI) on each hypertoken, its
+    whitespace included, closed before a line break and opened again after it. color=False (a log,
+    a pipe): the first pair of MARKS that the text (the skipped codes' included) does not contain,
+    around each line's part of a hypertoken from its first to its last visible character, so that
+    line breaks and indentation stay as they are (a hypertoken of whitespace alone is not marked).
+    Bytes that are not UTF-8 text where they stand are shown as \\xNN, and the legend says so.
+    Example, no colour, on "def f(x):\\n    return x\\n\\ndef g(x):\\n    return x\\n" (M=4): the legend
+    "hypertokens are shown ⟦like this⟧", then "def f(x):\\n    return x\\n\\ndef g⟦(x⟧⟦):⟧\\n    ⟦return x⟧\\n"
+    (whitespace at either end of a hypertoken's line is left outside the marks; colours show it)."""
     pieces = segments(tok, codes)
     text = "".join(t for _, t in pieces)
-    shown = pieces[skip:]
     if color:
-        paint = lambda k, t: f"\x1b[{COLORS[k % 2]};97m{t}\x1b[0m"
+        paint = lambda k, t: f"\x1b[{COLORS[k % 2]};97m{t}\x1b[0m" if t else t
         legend = f"hypertokens are shown {paint(0, 'like')} {paint(1, 'this')}"
     else:
         left, right = next((pair for pair in MARKS if not set("".join(pair)) & set(text)), MARKS[-1])
-        paint = lambda k, t: f"{left}{t}{right}"
+
+        def paint(k, t):   # around the visible part of one line: its whitespace stays where it is
+            core = t.strip()
+            i = t.find(core)
+            return f"{t[:i]}{left}{core}{right}{t[i + len(core):]}" if core else t
         legend = f"hypertokens are shown {left}like this{right}"
     parts, k = [], 0
-    for code, t in shown:
+    for code, t in pieces[skip:]:
         if code < tok.vocab_size:
             parts.append(t)
-        else:
-            parts.append(paint(k, t))
+        else:   # line by line: no mark or colour spans a line break
+            parts.append("\n".join(paint(k, line) for line in t.split("\n")))
             k += 1
-    return (legend + "\n" if k else "") + "".join(parts)
+    notes = [legend] if k else []
+    ids = lzw_decode(codes, tok.vocab_size, tok.max_codebook_size, tok.max_subtokens, tok.disabled_ids)
+    try:
+        b"".join(tok.token_bytes[t] for t in ids).decode("utf-8")
+    except UnicodeDecodeError:   # e.g. a sample that ends inside a character
+        notes.append("\\xNN is a byte that is not UTF-8 text where it stands (a character cut off or out of order)")
+    return "".join(note + "\n" for note in notes) + "".join(parts)

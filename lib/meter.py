@@ -3,6 +3,8 @@ How fast a training run goes: model FLOPs of a batch (nanoGPT's estimate_mfu, pl
 adds), the counts behind train.py's log lines, and model FLOPs utilisation against the GPU's peak.
 """
 
+import math
+
 import torch
 
 # dense bf16 FLOP/s of one GPU (NVIDIA's datasheets), by a part of torch.cuda.get_device_name; first match wins
@@ -42,6 +44,21 @@ def sync(device):
         torch.cuda.synchronize(device)
     elif str(device).startswith("mps"):
         torch.mps.synchronize()
+
+
+def eta_seconds(it, max_iters, max_seconds, train_seconds, eval_interval, step_wall, step_train, eval_seconds):
+    """Seconds until a run that has taken `it` steps ends: the steps left at the pace of those so
+    far, and the evaluations still to come (the one at step `it` if it is due, every eval_interval
+    steps after it, one at the end) at `eval_seconds` each. step_wall: seconds a step takes,
+    evaluations apart; step_train: its training time, which max_seconds counts. Example: 10 steps
+    of 100 taken, 1 s a step, an evaluation every 25 steps, 10 s each:
+    eta_seconds(10, 100, 0, 0, 25, 1, 1, 10) = 90 + 4 x 10 (steps 25, 50, 75, 100) = 130."""
+    steps = max_iters - it
+    if max_seconds > 0:
+        steps = min(steps, math.ceil(max(max_seconds - train_seconds, 0) / max(step_train, 1e-9)))
+    end = it + steps
+    evals = end // eval_interval - (it - 1) // eval_interval + (end % eval_interval != 0)
+    return steps * step_wall + evals * eval_seconds
 
 
 def hms(seconds):

@@ -4,7 +4,7 @@ What a training run keeps in its out_dir, how it writes it, and how it stops wit
     ckpt.pt     the checkpoint: model, optimizer, counters, the run's settings (torch.save of plain
                 tensors, numbers, strings, lists, tuples and dicts: loads with weights_only=True)
     log.json    the run's settings and curves, for plots (format below)
-    train.lock  held by the one training that writes here
+    train.lock  held by the one training that writes here (removed when it ends)
 
 Both files are replaced atomically, so a crash, a kill or a full disk at any moment leaves the
 previous version whole; a reader never sees half a file. Ctrl-C stops a run after its current
@@ -18,6 +18,7 @@ import signal
 import tempfile
 import threading
 import time
+from contextlib import contextmanager
 
 import torch
 
@@ -27,17 +28,22 @@ except ImportError:   # Windows: no advisory locks here, so nothing stops two ru
     fcntl = None
 
 
+@contextmanager
 def lock(out_dir):
-    """Create out_dir if needed and hold out_dir/train.lock until this process ends; ValueError
+    """Create out_dir if needed and hold out_dir/train.lock while in the `with` block; ValueError
     if another training holds it, or if out_dir cannot be written (found now, not at the first
     save). The lock is flock's: the kernel drops it when its process dies, however it dies, so a
-    killed run leaves a train.lock file behind but never a lock that blocks the next run."""
-    try:
-        os.makedirs(out_dir, exist_ok=True)
-        f = open(os.path.join(out_dir, "train.lock"), "a+")
-    except OSError as e:
-        raise ValueError(f"--out_dir={out_dir}: cannot write there ({e.strerror})") from None
-    if fcntl is not None:
+    killed run leaves a train.lock file behind but never a lock that blocks the next run. A run
+    that ends otherwise (done, Ctrl-C, an error) removes the file as it leaves."""
+    path = os.path.join(out_dir, "train.lock")
+    while True:
+        try:
+            os.makedirs(out_dir, exist_ok=True)
+            f = open(path, "a+")
+        except OSError as e:
+            raise ValueError(f"--out_dir={out_dir}: cannot write there ({e.strerror})") from None
+        if fcntl is None:
+            break
         try:
             fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except BlockingIOError:
@@ -46,10 +52,23 @@ def lock(out_dir):
             f.close()
             raise ValueError(f"--out_dir={out_dir} is in use by another training (process {holder}): "
                              f"wait for it to end, or choose another --out_dir") from None
+        # subtle: a run that ends removes the file while it holds the lock; if that happened between
+        # our open and our flock, we hold a file no longer in the folder, which nobody else would see
+        if os.path.exists(path) and os.path.samestat(os.fstat(f.fileno()), os.stat(path)):
+            break
+        f.close()
+    if fcntl is not None:
         f.truncate(0)
         f.write(f"{os.getpid()}\n")   # for the message above
         f.flush()
-    return f   # the lock lives as long as this file object
+    try:
+        yield f
+    finally:
+        try:
+            os.remove(path)       # still held: a run starting now waits for nothing, and finds no stale file
+        except OSError:
+            pass
+        f.close()
 
 
 def atomic_write(path, write):

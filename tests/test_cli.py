@@ -55,21 +55,73 @@ def test_help(capsys, name, flag):
     summary, usage = module.__doc__.strip().split("\n\n")[0], [line for line in module.__doc__.splitlines()
                                                                 if line.strip().startswith("python ")]
     assert out.startswith(summary) and usage and all(line in out for line in usage)
-    comments = dict(cli.field_comments(config))
+    comments, defaults = dict(cli.field_comments(config)), config()
     for field in dataclasses.fields(config):             # every setting, its default, its comment
         line = next(line for line in out.splitlines() if line.startswith(f"  --{field.name}="))
-        assert line.startswith(f"  --{field.name}={cli._typed(field.default)} ")
+        assert line.startswith(f"  --{field.name}={cli._typed(getattr(defaults, field.name))} ")
         assert comments[field.name] and line.endswith(comments[field.name])   # every default has its reason
 
 
 def test_help_of_train_as_a_command():
-    # train.py gets --help from cli.configure: its TrainConfig, with config/cpu.py applied on a CPU
+    # train.py gets --help from cli.configure: its TrainConfig, with config/cpu.py applied on a CPU,
+    # where a value the preset set says so, and the default's reason is given as the default's
     r = subprocess.run([sys.executable, os.path.join(REPO, "train.py"), "--help"], capture_output=True, text=True,
                        cwd=REPO, env={**os.environ, "OMP_NUM_THREADS": "1"})
     assert r.returncode == 0 and r.stderr == ""
     for line in ("usage:", "    python train.py config/plain_cpu.py", "  # AdamW",
                  "M: longest hypertoken; 1 = the plain GPT; the paper finds 3..5 close"):
         assert line in r.stdout
+    if not torch.cuda.is_available():
+        line = next(line for line in r.stdout.splitlines() if "--gradient_accumulation_steps=" in line)
+        assert line.split() == ["--gradient_accumulation_steps=1", "config/cpu.py;", "default", "2:", "micro-batches",
+                                "per", "step,", "over", "all", "DDP", "ranks", "together:", "32", "x", "1024", "codes"]
+        line = next(line for line in r.stdout.splitlines() if "--batch_size=" in line)
+        assert "--batch_size=4" in line and "config/cpu.py: small batches" in line and "default 16: rows" in line
+
+
+def test_help_shows_the_values_in_force_and_where_they_come_from(tmp_path, capsys):
+    @dataclasses.dataclass
+    class Settings:
+        n: int = 1              # a number
+        name: str = "a"         # a string
+        flag: bool = False      # a switch
+
+    preset = tmp_path / "p.py"
+    preset.write_text("n = 3   # three is plenty here\nname = 'b'\n")
+    with pytest.raises(SystemExit) as e:
+        cli.configure(Settings(), [str(preset), "--flag", "--bogus=1", "--name=c", "--help"])   # help wins
+    assert e.value.code == 0
+    lines = {line.split()[0]: line.split(None, 1)[1] for line in capsys.readouterr().out.splitlines()
+             if line.startswith("  --")}
+    assert lines == {"--n=3": f"{preset}: three is plenty here; default 1: a number",
+                     "--name=c": "a string (default a)", "--flag=True": "a switch (default False)"}
+
+
+def test_a_misspelt_setting_names_the_closest_one(tmp_path):
+    import train
+    with pytest.raises(ValueError) as e:
+        train.read_config(["--max_second=60"], cuda=False, world=1)
+    assert str(e.value) == "--max_second=60: unknown key 'max_second'; did you mean --max_seconds?"
+    preset = tmp_path / "p.py"
+    preset.write_text("lerning_rate = 0.1\n")
+    with pytest.raises(ValueError, match=r":1: unknown key 'lerning_rate'; did you mean learning_rate\?$"):
+        train.read_config([str(preset)], cuda=False, world=1)
+    with pytest.raises(ValueError, match=r"^--zzz=1: unknown key 'zzz'; --help lists the settings$"):
+        train.read_config(["--zzz=1"], cuda=False, world=1)
+
+
+def test_readers_of_a_checkpoint_look_where_train_writes_by_default():
+    import harness   # (imports without lm-eval too)
+    import train
+    assert cli.train_out_dir() == train.read_config([], torch.cuda.is_available(), 1).out_dir
+    assert sample.SampleConfig().out_dir == harness.HarnessConfig().out_dir == cli.train_out_dir()
+
+
+def test_no_test_reaches_the_network():
+    # conftest.py refuses to look up any host but this machine: a download fails at once, offline or not
+    import socket
+    with pytest.raises(socket.gaierror, match="the tests run offline"):
+        socket.create_connection(("example.com", 443), timeout=1)
 
 
 # -----------------------------------------------------------------------------
@@ -227,6 +279,33 @@ def test_show_marks_cannot_be_taken_for_the_text(tok):
     assert re.sub("\x1b\\[[0-9;]*m", "", coloured) == "hypertokens are shown like this\n" + code
     assert "\x1b[41;97m" in coloured and "\x1b[44;97m" in coloured
     assert cli.show(tok, tok.encode("no repeats"), color=False) == "no repeats"    # nothing to mark, no legend
+
+
+CODE = ("class A:\n    def f(self):\n        return 1\n\n    def g(self):\n        return 2\n\n"
+        "    def h(self):\n        return 3\n\ndef f(x):\n    return x\n\ndef g(x):\n    return x\n")
+
+
+def test_show_keeps_the_layout_of_code(tok):
+    # the text reads as code: no mark or colour spans a line break, no mark sits in indentation
+    shown = cli.show(tok, tok.encode(CODE), color=False)
+    lines, originals = shown.split("\n")[1:], CODE.split("\n")
+    assert "⟦" in shown and unmark(shown, "⟦", "⟧") == CODE
+    for line, original in zip(lines, originals):
+        assert line.count("⟦") == line.count("⟧")
+        assert len(line) - len(line.lstrip()) == len(original) - len(original.lstrip()), (line, original)
+        assert "⟦ " not in line and " ⟧" not in line and "⟦⟧" not in line   # whitespace stays outside the marks
+    coloured = cli.show(tok, tok.encode(CODE), color=True)
+    assert re.sub("\x1b\\[[0-9;]*m", "", coloured).split("\n", 1)[1] == CODE
+    for line in coloured.split("\n"):
+        assert len(re.findall("\x1b\\[4[14];97m", line)) == line.count("\x1b[0m")
+
+
+def test_show_a_cut_character_as_its_bytes(tok):
+    ids = tok.encode_base("🙂")                 # two base tokens: the first ends inside the character
+    assert len(ids) == 2 and cli.show(tok, tok.encode("🙂"), color=False) == "🙂"
+    shown = cli.show(tok, ids[:1], color=False)
+    assert shown == "\\xNN is a byte that is not UTF-8 text where it stands (a character cut off or out of order)" \
+                    "\n\\xf0\\x9f"
 
 
 def test_show_skips_the_prompt(tok):

@@ -6,6 +6,7 @@ import dataclasses
 import json
 import math
 import os
+import sys
 
 import numpy as np
 import pytest
@@ -119,6 +120,27 @@ def test_generation_is_greedy_decoding_from_the_context_and_stops(lm):
     assert stop and cut == full[:full.index(stop)]
 
 
+def test_generation_batches_only_requests_of_the_same_settings(lm):
+    # lm-eval hands over every task's requests in one call: a greedy request behind a sampling one
+    # (one batch of 3) must stay greedy, and the order of the answers is the order of the requests
+    ctx, greedy = "def f(x):\n    return x\n\ndef g(x):\n    return", {"until": [], "max_gen_toks": 6}
+    alone = lm.generate_until([req("generate_until", ctx, greedy)])[0]
+    hot = {"until": [], "max_gen_toks": 6, "temperature": 1000.0, "do_sample": True}
+    torch.manual_seed(0)
+    outs = lm.generate_until([req("generate_until", ctx, hot), req("generate_until", ctx, greedy),
+                              req("generate_until", "x = 1", greedy)])
+    assert outs[0] != alone and outs[1] == alone
+    assert outs[2] == lm.generate_until([req("generate_until", "x = 1", greedy)])[0]
+
+
+def test_an_empty_continuation_has_probability_one(lm):
+    # nothing follows any context with probability 1; the context's own last token is not scored
+    contexts = ["The answer is", "The answer is ", ""]
+    got = lm.loglikelihood([req("loglikelihood", c, "") for c in contexts] + [req("loglikelihood", "x =", " 1")])
+    assert got[:3] == [(0.0, True)] * 3
+    assert got[3] == lm.loglikelihood([req("loglikelihood", "x =", " 1")])[0]
+
+
 def test_a_tiny_task_runs_through_simple_evaluate(lm, tmp_path):
     import lm_eval
     from lm_eval.tasks import TaskManager
@@ -163,20 +185,73 @@ def test_bits_per_byte_agree_with_train_py(tmp_path):
     assert theirs == pytest.approx(ours, rel=1e-5)
 
 
-@pytest.mark.parametrize("args,message", [(["--tasks=no_such_task"], "unknown task 'no_such_task'"),
-                                          (["--limit=-1"], "--limit=-1"),
-                                          (["--out_dir=/nonexistent"], "no checkpoint at '/nonexistent'")])
-def test_clear_errors(args, message, capsys):
-    with pytest.raises(SystemExit, match=message):
+@pytest.mark.parametrize("args,message", [
+    (["--tasks=no_such_task"], "--tasks=no_such_task: unknown task 'no_such_task'; the offline ones are"),
+    (["--limit=-1"], "--limit=-1: expected 0 (all) or more"),
+    (["--out_dir=/nonexistent"], "no checkpoint at '/nonexistent'"),
+    (["--output=/nonexistent/folder/x.json"], "--output=/nonexistent/folder/x.json: no folder '/nonexistent/folder'"),
+    (["--max_second=3"], "--max_second=3: unknown key 'max_second'; --help lists the settings"),
+    (["--beam_sise=3"], "--beam_sise=3: unknown key 'beam_sise'; did you mean --beam_size?")])
+def test_clear_errors(args, message, capsys, tmp_path, monkeypatch):
+    # every setting is checked before any task runs: a bad --output costs one line, not the run
+    import lm_eval
+    monkeypatch.setattr(lm_eval, "simple_evaluate", lambda *a, **k: pytest.fail("a task ran before the checks"))
+    if not any(a.startswith("--out_dir") for a in args):
+        args = [f"--out_dir={save(tmp_path / 'ckpt.pt')}"] + args
+    with pytest.raises(SystemExit) as e:
         harness.main(args)
+    assert str(e.value).startswith("error: " + message) and "\n" not in str(e.value)
+
+
+def test_a_task_whose_data_cannot_be_had_is_one_line(tmp_path, monkeypatch):
+    # like --tasks=hellaswag without network: which task, which dataset, what to do (no download is tried:
+    # datasets' own error for it is raised in its place)
+    import datasets
+    (tmp_path / "hub_task.yaml").write_text(
+        "task: hub_task\ndataset_path: someone/some_data\noutput_type: multiple_choice\ntest_split: test\n"
+        "doc_to_text: q\ndoc_to_target: 0\ndoc_to_choice: [a, b]\nmetric_list:\n  - metric: acc\n")
+
+    def unreachable(path, *args, **kwargs):
+        raise ConnectionError(f"Couldn't reach '{path}' on the Hub (LocalEntryNotFoundError)")
+    monkeypatch.setattr(datasets, "load_dataset", unreachable)
+    monkeypatch.setattr(harness, "TASKS", str(tmp_path))
+    with pytest.raises(SystemExit) as e:
+        harness.main([f"--out_dir={save(tmp_path / 'ckpt.pt')}", "--tasks=hub_task"])
+    message = str(e.value)
+    assert message.startswith("error: --tasks=hub_task: cannot load its data (someone/some_data): Couldn't reach")
+    assert "network" in message and "Hugging Face cache" in message and "zip2zip_code_mc" in message
+    assert "\n" not in message
+
+
+def test_lm_evals_chatter_is_quiet_unless_verbose(capsys):
+    import logging
+    import warnings
+
+    def chatter():
+        logging.getLogger("lm_eval.evaluator").warning("Overwriting default num_fewshot")
+        print("bootstrapping for stddev: perplexity")
+        warnings.warn("a warning of lm-eval's")
+        sys.stderr.write("a progress bar\n")
+    with harness.quiet(verbose=False):
+        chatter()
+    assert capsys.readouterr() == ("", "")
+    with pytest.raises(KeyError), harness.quiet(verbose=False):   # a bug: what was printed is shown with it
+        chatter()
+        raise KeyError("bug")
+    assert "bootstrapping" in capsys.readouterr().err
+    with pytest.warns(UserWarning), harness.quiet(verbose=True):
+        chatter()
+    out, err = capsys.readouterr()
+    assert "bootstrapping" in out and "a progress bar" in err
 
 
 def test_the_command_runs_a_shipped_task(tmp_path, capsys):
     ckpt = save(tmp_path / "ckpt.pt")
     harness.main([f"--out_dir={ckpt}", "--tasks=zip2zip_prose_cloze,zip2zip_pycode_bpb", "--limit=2",
                   f"--output={tmp_path / 'out.json'}"])
-    out = capsys.readouterr().out
+    out, err = capsys.readouterr()
     assert "zip2zip_prose_cloze" in out and "bits_per_byte" in out and "seconds: zip2zip_prose_cloze" in out
+    assert err == "" and "bootstrapping" not in out     # lm-eval's chatter is kept out of sight
     saved = json.loads((tmp_path / "out.json").read_text())
     assert set(saved["seconds"]) == {"zip2zip_prose_cloze", "zip2zip_pycode_bpb"}
     assert 0 < saved["results"]["zip2zip_pycode_bpb"]["bits_per_byte,none"] < 30

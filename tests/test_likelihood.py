@@ -67,6 +67,31 @@ def test_prefix_probability_equals_the_brute_force_sum(kind):
             multiview.marginal_nll(canonical, ids, EVERY_PATH), abs=1e-4)
 
 
+def test_a_path_to_a_dead_end_has_probability_zero():
+    # a canonical model with no disabled id can reach a position where every code is masked (V=2:
+    # after the codes 0 0 1 0 the entries [0,0] and [0,1] both extend the match (0,), and there is no
+    # pending id): a path of the beam that gets there has probability 0, and the multi-view sum
+    # stays the canonical NLL at every beam width
+    torch.manual_seed(0)
+    model = z.GPT(z.GPTConfig(block_size=32, vocab_size=2, n_layer=1, n_head=2, n_embd=16, max_subtokens=3,
+                              max_codebook_size=16, disabled_ids=(), canonical=True, hyper_n_embd=8,
+                              hyper_n_head=2)).eval()
+    for ids in ([0, 0, 1, 0, 0], [0, 0, 1, 0, 1, 0, 0, 1]):
+        nll = model.nll(z.lzw_encode(ids, 2, 16, 3, ()))
+        for beam in (1, 4, EVERY_PATH):
+            assert multiview.marginal_nll(model, ids, beam) == pytest.approx(nll, abs=1e-4), (ids, beam)
+        assert multiview.loglikelihood(model, ids[:2], ids[2:], 4) == pytest.approx(
+            model.loglikelihood(ids[:2], ids[2:]), abs=1e-4)
+
+
+def test_continuations_may_come_from_a_generator():
+    model = model_of(False)
+    ctx, conts = [D, 0, 1, 0], [[1, 0], [2, 2, 2]]
+    expected = multiview.loglikelihoods(model, ctx, conts, beam_size=4)
+    assert len(expected) == 2
+    assert multiview.loglikelihoods(model, ctx, (x for x in conts), beam_size=4) == expected
+
+
 def test_the_worked_example_of_the_design_notes():
     # DESIGN.md 2.2, V=100: 1 2 1 2 1 2 is written 1 2 100 100; after 1 2 100 the codes that may
     # stand last are 100 [1,2] and the pending id 102 [1,2,1]

@@ -137,17 +137,23 @@ def test_report_refuses_what_is_not_ids_or_utf8_text(tmp_path):
         assert str(e.value).startswith("error: ") and message in str(e.value) and "\n" not in str(e.value)
 
 
-def test_shipped_ranks_are_tiktokens_r50k_base(tmp_path):
-    # the repository's copy of GPT-2's ranks gives tiktoken's own r50k_base ids (where tiktoken
-    # can load it: CI points TIKTOKEN_CACHE_DIR at a cached copy; elsewhere it would download)
+def test_shipped_ranks_are_tiktokens_r50k_base(tmp_path, monkeypatch):
+    # the repository's copy of GPT-2's ranks gives tiktoken's own r50k_base ids, where tiktoken has
+    # its file in its cache (CI points TIKTOKEN_CACHE_DIR at a cached copy); no test downloads it
     import tiktoken
+    import tiktoken.load
 
     from data.common import gpt2_bpe
     ours = gpt2_bpe()
+
+    def no_download(url):
+        raise ConnectionAbortedError(f"a test may not download {url}")
+    monkeypatch.setattr(tiktoken.load, "read_file", no_download)   # what tiktoken calls on a cache miss
     try:
         ref = tiktoken.get_encoding("r50k_base")
-    except Exception as e:   # offline without a cache
-        pytest.skip(f"tiktoken cannot load r50k_base here: {e}")
+    except ConnectionAbortedError:
+        pytest.skip("tiktoken's own r50k_base is not in its cache here (set TIKTOKEN_CACHE_DIR to a folder "
+                    "holding it); this test compares the shipped ranks with it, and never downloads it")
     text = "def f(x):\n    return x  # naïve 日本 🙂\n\n\t  <|endoftext|> 1234 don't"
     assert ours.encode(text, allowed_special="all") == ref.encode(text, allowed_special="all")
     assert ours.n_vocab == ref.n_vocab == 50257 and ours.eot_token == 50256

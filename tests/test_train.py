@@ -348,6 +348,24 @@ def test_the_eta_leaves_out_the_first_steps_warm_up(data_dir, tmp_path, capsys, 
     assert "ETA" not in lines[0] and lines[1].endswith("ETA 0:00:00"), lines     # 2 fast steps to go
 
 
+def test_the_eta_counts_the_evaluations_to_come(data_dir, tmp_path, capsys, monkeypatch):
+    # 10 steps of 100 taken, 1 s a step, an evaluation every 25 steps, 10 s each
+    assert meter.eta_seconds(10, 100, 0, 0, 25, 1.0, 1.0, 10.0) == 90 + 4 * 10      # at 25, 50, 75, 100
+    assert meter.eta_seconds(25, 100, 0, 0, 25, 1.0, 1.0, 10.0) == 75 + 4 * 10      # the one at 25 is still due
+    assert meter.eta_seconds(26, 100, 0, 0, 25, 1.0, 1.0, 10.0) == 74 + 3 * 10
+    assert meter.eta_seconds(90, 95, 0, 0, 25, 1.0, 1.0, 10.0) == 5 + 10             # the last one, at 95
+    # a time budget: 30 s of training left at 0.5 s a step (1 s with the rest): 60 steps, to step 70
+    assert meter.eta_seconds(10, 10 ** 6, 100, 70, 25, 1.0, 0.5, 10.0) == 60 + 3 * 10   # at 25, 50, 70
+    # and train.py's log: evaluations at steps 0, 2 and 4 that take 1 s each or more; after step 2,
+    # two of them are still to come
+    evaluate = train.estimate_loss
+    monkeypatch.setattr(train, "estimate_loss", lambda *a, **k: (time.sleep(1), evaluate(*a, **k))[1])
+    train.main(tiny(data_dir, tmp_path, "--eval_interval=2"))
+    line = next(line for line in capsys.readouterr().out.splitlines() if line.startswith("iter 2:"))
+    h, m, s = map(int, line.rsplit("ETA ", 1)[1].split(":"))
+    assert 3600 * h + 60 * m + s >= 2, line
+
+
 def test_resuming_a_finished_run_says_so_and_how_to_go_on(data_dir, tmp_path, capsys):
     train.main(tiny(data_dir, tmp_path, "--max_iters=2"))
     before = (tmp_path / "ckpt.pt").read_bytes()
@@ -418,7 +436,9 @@ def test_a_busy_out_dir_is_refused_but_a_killed_runs_lock_is_no_obstacle(data_di
     finally:
         p.kill()                               # SIGKILL: no clean-up at all; train.lock stays behind
         p.communicate()
+    assert (tmp_path / "train.lock").exists()
     assert train.main(tiny(data_dir, tmp_path, "--overwrite=True", "--max_iters=1"))["iter_num"] == 1
+    assert not (tmp_path / "train.lock").exists()   # a run that ends removes it
 
 
 def test_two_writers_never_share_a_temporary_file(tmp_path):
@@ -502,7 +522,7 @@ def test_nothing_saved_is_lost(data_dir, tmp_path):
     with pytest.raises(Exception):   # a save that fails halfway (unpicklable) leaves the old file whole
         outdir.save_checkpoint({"model": lambda: 0}, str(tmp_path))
     assert (tmp_path / "ckpt.pt").read_bytes() == before
-    assert sorted(os.listdir(tmp_path)) == ["ckpt.pt", "log.json", "train.lock"]   # and no temporary file
+    assert sorted(os.listdir(tmp_path)) == ["ckpt.pt", "log.json"]   # no temporary file, and no lock once done
 
 
 def test_a_masked_training_target_fails_loudly(data_dir, tmp_path, monkeypatch):

@@ -874,11 +874,14 @@ class GPT(nn.Module):
             logp = lp[max(k - 2, 0):n - 2].sum() + dist[-1, spell_all].logsumexp(0)   # positions k-1 .. n-2, then n-1
             if k > 1:
                 logp = logp - dist[0, spell_ctx].logsumexp(0)
-            greedy = True          # (a tie for the most probable counts as greedy)
+            # a tie for the most probable counts as greedy, to float rounding: an exact tie (the mean
+            # encoder embeds [t, t] as t) can come out either way in the teacher-forced pass and the
+            # decoding step, which round the same sums differently (seen: 1e-6 nats)
+            greedy = True
             for t in range(max(k - 1, 1), n):
                 step = dist[t - max(k - 1, 1)]
                 best = step[spell_ctx].max() if t == k - 1 else step.max()
-                greedy &= bool(step[spell_all if t == n - 1 else row[t]].max() >= best)
+                greedy &= bool(step[spell_all if t == n - 1 else row[t]].max() >= best - 1e-5)
             out.append((logp.item(), greedy))
         return out
 

@@ -43,8 +43,8 @@ import torch.nn as nn
 
 import fastgen
 import kernels
-import multiview
 import zip2zip
+from evals import multiview
 from lib import adapt, cli, loader, outdir
 from lib.loader import EOT, build_batch, check_tokens, eval_windows
 from lib.meter import Meter, flops_per_batch, hms

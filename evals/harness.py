@@ -2,12 +2,12 @@
 zip2zip in lm-evaluation-harness: the paper's task protocol for a train.py checkpoint.
 
     pip install lm-eval
-    python harness.py --out_dir=out-cpu                       # the three offline tasks of tasks/
-    python harness.py --out_dir=out-cpu --tasks=zip2zip_prose_cloze --beam_size=16 --limit=50
-    python harness.py --out_dir=out-cpu --tasks=hellaswag     # any lm-eval task whose data it can download
+    python -m evals.harness --out_dir=out-cpu                       # the three offline tasks of tasks/
+    python -m evals.harness --out_dir=out-cpu --tasks=zip2zip_prose_cloze --beam_size=16 --limit=50
+    python -m evals.harness --out_dir=out-cpu --tasks=hellaswag     # any lm-eval task whose data it can download
 
 Importing this file registers the lm-eval model name `zip2zip`, so that from Python
-`import harness; lm_eval.simple_evaluate(model="zip2zip", model_args="out_dir=out-cpu,beam_size=0",
+`import evals.harness; lm_eval.simple_evaluate(model="zip2zip", model_args="out_dir=out-cpu,beam_size=0",
 tasks=[...])` works too. lm-eval is an optional extra: the method (zip2zip.py) never imports it.
 
 What the three kinds of request mean for a model whose vocabulary grows as it reads (DESIGN.md 2.2):
@@ -31,7 +31,7 @@ from dataclasses import dataclass
 
 import torch
 
-import multiview
+from evals import multiview
 from fastgen import StaticStepper
 from lib import cli
 from zip2zip import lzw_encode
@@ -39,10 +39,10 @@ from zip2zip import lzw_encode
 try:
     from lm_eval.api.model import LM
     from lm_eval.api.registry import register_model
-except ImportError:            # harness.py --help still works; main() says what to install
+except ImportError:            # --help still works; main() says what to install
     LM, register_model = object, lambda name: (lambda cls: cls)
 
-TASKS = os.path.join(os.path.dirname(os.path.abspath(__file__)), "tasks")
+TASKS = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "tasks")
 
 
 @dataclass

@@ -119,7 +119,7 @@ def test_reproduce_small(tmp_path, capsys):
     # reproduce.py on a slice of the data, with a tiny plain and zip2zip checkpoint (untrained)
     import dataclasses
 
-    import reproduce
+    from evals import reproduce
     from zip2zip import GPT, GPTConfig
     for M in (1, 4):
         cfg = GPTConfig(n_layer=1, n_head=2, n_embd=32, block_size=32, max_subtokens=M)
@@ -138,7 +138,7 @@ def test_reproduce_small(tmp_path, capsys):
 
 
 def test_reproduce_bad_options():
-    import reproduce
+    from evals import reproduce
     for argv, message in ((["--codebook_sizes=64,x"], "--codebook_sizes=64,x: expected sizes like 64,256,1024"),
                           (["--windows=0"], "--windows=0: expected window lengths"),
                           (["--eval_windows=0"], "--eval_windows=0: expected 1 or more"), (["--bogus=1"], "unknown key")):
@@ -150,7 +150,7 @@ def test_reproduce_bad_options():
 def test_reproduce_training_sets_quick(tmp_path, capsys):
     # the exact-likelihood and ablation sets on tiny models (2 steps a run): every table is filled,
     # the curves are written, and a second call reuses the finished runs instead of training again
-    import reproduce
+    from evals import reproduce
     runs = str(tmp_path / "runs")
     out = reproduce.main(["--likelihood", "--ablations", "--quick", f"--runs={runs}"])
     text = capsys.readouterr().out

@@ -11,13 +11,12 @@ import pytest
 import torch
 
 import bench
-from lib import cli
-import efficiency
-import reproduce
 import sample
 import zip2zip
 from data.prose import prepare as prose_prepare
 from data.pycode import prepare as pycode_prepare
+from evals import efficiency, reproduce
+from lib import cli
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -70,6 +69,15 @@ def test_help_of_train_as_a_command():
     for line in ("usage:", "    python train.py config/plain_cpu.py", "  # AdamW",
                  "M: longest hypertoken; 1 = the plain GPT; the paper finds 3..5 close"):
         assert line in r.stdout
+
+
+@pytest.mark.parametrize("module", ["evals.efficiency", "evals.reproduce", "evals.harness"])
+def test_evals_scripts_run_as_modules_from_the_root(module):
+    # the README's commands for the scripts in evals/: `python -m evals.<name>` from the repository
+    r = subprocess.run([sys.executable, "-m", module, "--help"], capture_output=True, text=True, cwd=REPO,
+                       env={**os.environ, "OMP_NUM_THREADS": "1"})
+    assert r.returncode == 0 and r.stderr == "", r.stderr
+    assert f"python -m {module} " in r.stdout
 
 
 # -----------------------------------------------------------------------------

@@ -14,8 +14,8 @@ import torch
 pytest.importorskip("lm_eval")
 os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
 
-import harness  # noqa: E402
 import train  # noqa: E402
+from evals import harness  # noqa: E402
 from lm_eval.api.instance import Instance  # noqa: E402
 from zip2zip import GPT, GPTConfig, lzw_decode, lzw_encode  # noqa: E402
 

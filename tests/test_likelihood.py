@@ -9,9 +9,9 @@ import torch
 import torch.nn.functional as F
 
 import fastgen
-import multiview
 import zip2zip as z
 from brute import code_streams, stream_logp
+from evals import multiview
 
 V, C, M, D = 5, 16, 3, 4          # base ids 0..3 and one disabled id (a canonical model has no dead end)
 KINDS = ["transformer", "mlp", "mean"]

@@ -9,9 +9,9 @@ import torch
 import torch.nn.functional as F
 
 import fastgen
-import multiview
 import zip2zip as z
 from brute import code_streams, stream_logp
+from evals import multiview
 
 V, C, M, EOT = 24, 12, 4, 23
 KINDS = ["transformer", "mlp", "mean"]

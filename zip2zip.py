@@ -27,11 +27,12 @@ multiview.py (likelihoods summed over segmentations); the scripts' plumbing is i
 """
 
 import math
-import os
 from dataclasses import dataclass, fields, replace
 from typing import NamedTuple
 
 import numpy as np
+
+from data.common import gpt2_bpe
 
 # -----------------------------------------------------------------------------
 # LZW codec
@@ -253,37 +254,6 @@ def lzw_decode(codes, vocab_size, max_codebook_size, max_subtokens, disabled_ids
 
 # -----------------------------------------------------------------------------
 # Tokenizer: text -> GPT-2 BPE base ids (tiktoken r50k_base) -> LZW codes, and back
-
-RANKS = os.path.join(os.path.dirname(os.path.abspath(__file__)), "data", "r50k_base.tiktoken")
-RANKS_SHA256 = "306cd27f03c1a714eca7108e03d66b7dc042abe8c258b44c199a7ed9838dd930"
-
-
-def gpt2_bpe(path=None):
-    """GPT-2's BPE as a tiktoken Encoding (r50k_base), built from the ranks file shipped in this
-    repository (OpenAI's, MIT licensed: data/r50k_base.LICENSE), so that nothing is ever
-    downloaded. Same ids as tiktoken.get_encoding("r50k_base"). OSError with the path if the file
-    is missing or damaged."""
-    import base64
-    import hashlib
-
-    import tiktoken
-    from tiktoken_ext import openai_public
-    path = path or RANKS
-    try:
-        with open(path, "rb") as f:
-            data = f.read()
-    except OSError as e:
-        raise OSError(f"GPT-2's BPE ranks (r50k_base) are missing: {e}; they ship with the repository "
-                      f"as data/r50k_base.tiktoken (restore it with git checkout)") from None
-    if hashlib.sha256(data).hexdigest() != RANKS_SHA256:
-        raise OSError(f"{path} is damaged (its sha256 is not r50k_base's): restore it with git checkout")
-    ranks = {base64.b64decode(tok): int(rank) for tok, rank in (line.split() for line in data.splitlines() if line)}
-    # the split pattern as tiktoken writes it (older versions inline it in their gpt2 definition)
-    pattern = getattr(openai_public, "r50k_pat_str",
-                      r"""'(?:[sdmt]|ll|ve|re)| ?\p{L}+| ?\p{N}+| ?[^\s\p{L}\p{N}]+|\s+(?!\S)|\s+""")
-    return tiktoken.Encoding("r50k_base", pat_str=pattern, mergeable_ranks=ranks,
-                             special_tokens={"<|endoftext|>": 50256}, explicit_n_vocab=50257)
-
 
 class Tokenizer:
     """GPT-2 BPE, then LZW. `<|endoftext|>` is a disabled id: nothing merges across documents.

@@ -35,9 +35,10 @@ import torch
 
 import bench
 import fastgen
+from data.common import gpt2_bpe
 from evals.efficiency import compression_stats
 from lib import cli
-from zip2zip import Tokenizer, gpt2_bpe
+from zip2zip import Tokenizer
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))   # the repository
 

@@ -11,6 +11,7 @@ import pytest
 import torch
 
 import bench
+import data.common
 import sample
 import zip2zip
 from data.prose import prepare as prose_prepare
@@ -122,7 +123,7 @@ def test_autocast_resolves_the_dtype_once_for_every_script():
 
 @pytest.fixture
 def no_ranks(tmp_path, monkeypatch):
-    monkeypatch.setattr(zip2zip, "RANKS", str(tmp_path / "missing" / "r50k_base.tiktoken"))
+    monkeypatch.setattr(data.common, "RANKS", str(tmp_path / "missing" / "r50k_base.tiktoken"))
 
 
 def tiny_checkpoint(path):

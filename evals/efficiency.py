@@ -17,7 +17,8 @@ from dataclasses import dataclass
 import numpy as np
 
 from lib import cli
-from zip2zip import Tokenizer, as_ids, lzw_encode
+from lib.checks import as_ids
+from zip2zip import Tokenizer, lzw_encode
 
 
 def compression_stats(tokenizer, ids, window=1024):

@@ -12,7 +12,7 @@ tasks=[...])` works too. lm-eval is an optional extra: the method (zip2zip.py) n
 
 What the three kinds of request mean for a model whose vocabulary grows as it reads (DESIGN.md 2.2):
 - loglikelihood (context, continuation): log P(continuation | context) = log P_prefix(context +
-  continuation) - log P_prefix(context), GPT.loglikelihoods. As lm-eval's Hugging Face model does:
+  continuation) - log P_prefix(context), likelihood.loglikelihoods. As lm-eval's Hugging Face model does:
   trailing whitespace of the context moves to the continuation, the pair is tokenized together
   and split where the context's own tokens end; the context gets an <|endoftext|> in front, the
   start every training window has. Requests that share a context are scored together.
@@ -99,7 +99,7 @@ class Zip2Zip(LM):
         return out
 
     def loglikelihood_rolling(self, requests, disable_tqdm=False):
-        with self.ctx:   # the prefix NLL of each whole document after an <|endoftext|> (GPT.score)
+        with self.ctx:   # the prefix NLL of each whole document after an <|endoftext|> (likelihood.score)
             return [-multiview.score(self.model, r.args[0], self.tok, self.beam_size)[0] for r in requests]
 
     def generate_until(self, requests, disable_tqdm=False):

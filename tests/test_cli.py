@@ -285,3 +285,21 @@ def test_a_checkpoint_from_before_the_canonical_setting_loads_unmasked(tmp_path)
     assert model.config.canonical is False and model.config.hyper_encoder == "transformer"
     torch.save({"model": GPT(cfg).state_dict(), "model_args": dataclasses.asdict(cfg)}, tmp_path / "new.pt")
     assert cli.load_checkpoint(str(tmp_path / "new.pt"))[0].config.canonical is True
+
+
+@pytest.mark.parametrize("bias,n_tensors", [(True, 56), (False, 31)])
+def test_a_checkpoint_from_before_torchs_layernorm_and_the_derived_width_loads(tmp_path, bias, n_tensors):
+    # Earlier versions had a LayerNorm of their own and wrote the derived hyper_n_embd (here 4)
+    # into the config they saved. Such a checkpoint's parameter names and shapes (56 tensors with
+    # biases and 31 without, counted on that code) and its model_args load the same model as one
+    # saved now (hyper_n_embd=0)
+    from zip2zip import GPT, GPTConfig
+    cfg = GPTConfig(block_size=8, vocab_size=24, n_layer=1, n_head=2, n_embd=16, max_subtokens=3,
+                    max_codebook_size=8, disabled_ids=(), tie_weights=False, bias=bias, hyper_n_head=2)
+    state = GPT(cfg).state_dict()
+    assert len(state) == n_tensors and ("transformer.h.0.ln_1.bias" in state) == bias
+    assert state["transformer.ln_f.weight"].shape == (16,) and state["hyper_in.c_in.weight"].shape == (4, 16)
+    for saved in (4, 0):
+        torch.save({"model": state, "model_args": {**dataclasses.asdict(cfg), "hyper_n_embd": saved}}, tmp_path / "c.pt")
+        model, _ = cli.load_checkpoint(str(tmp_path / "c.pt"))
+        assert model.config.hyper_width == 4 and all(torch.equal(model.state_dict()[k], v) for k, v in state.items())

@@ -228,12 +228,13 @@ def test_integer_arrays_are_checked_without_a_walk(monkeypatch, tmp_path):
     # the training loader encodes windows of a uint16 memmap: their dtype says they are integers,
     # and numpy checks their range, so the per-element type walk (as_ids) is not needed
     import numpy as np
-    import zip2zip
+
+    from lib import checks
     ids = [1, 2, 1, 2, 1, 9, 3, 3, 3]
     np.array(ids, dtype=np.uint16).tofile(tmp_path / "ids.bin")
     data = np.memmap(tmp_path / "ids.bin", dtype=np.uint16, mode="r")
     expected = lzw_encode(ids, 10, 64, 4, (9,))
-    monkeypatch.setattr(zip2zip, "as_ids", lambda *a: pytest.fail("an integer array was walked"))
+    monkeypatch.setattr(checks, "as_ids", lambda *a: pytest.fail("an integer array was walked"))
     assert lzw_encode(data, 10, 64, 4, (9,)) == lzw_encode(np.array(ids), 10, 64, 4, (9,)) == expected
     assert lzw_encode_window(data, 0, 100, 10, 64, 4, (9,)) == (expected, len(ids))
     assert all(type(c) is int for c in lzw_encode(data, 10, 64, 4, (9,)))     # Python ints come out

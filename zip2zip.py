@@ -60,6 +60,8 @@ class LZW:
     vocab_size V: hypertoken ids start here.  max_codebook_size C: at most C entries.
     max_subtokens M: longest hypertoken in base tokens (a match reaching M is emitted at once).
     disabled_ids D: never merged (e.g. <|endoftext|>); each one is a wall between matches.
+    The rule step by step, with a dict of tuples: tests/naive_lzw.py, which DESIGN.md 1 quotes;
+    this class is the same codec made fast (a trie with integer keys, the match held as its id).
     """
 
     def __init__(self, vocab_size, max_codebook_size, max_subtokens, disabled_ids=()):

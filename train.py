@@ -305,7 +305,7 @@ def get_lr(cfg, it, seconds):
 
 
 def main(argv=None):
-    """Train as the settings say; returns the figures tests and reproduce.py read."""
+    """Train as the settings say; returns the figures tests and evals/reproduce.py read."""
     argv = sys.argv[1:] if argv is None else list(argv)
     with ExitStack() as held:   # released however main ends: the out_dir lock, Ctrl-C's handler, the workers
         env = setup(argv, held)                          # settings, processes, device, the out_dir

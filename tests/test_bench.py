@@ -88,7 +88,7 @@ def test_kernels_on_cuda():
 
 
 def test_reproduce_small(tmp_path, capsys):
-    # reproduce.py on a slice of the data, with a tiny plain and zip2zip checkpoint (untrained)
+    # evals/reproduce.py on a slice of the data, with a tiny plain and zip2zip checkpoint (untrained)
     import dataclasses
 
     from evals import reproduce

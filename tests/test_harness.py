@@ -1,4 +1,4 @@
-"""harness.py: the lm-eval model `zip2zip` on a tiny checkpoint, offline. Its requests equal
+"""evals/harness.py: the lm-eval model `zip2zip` on a tiny checkpoint, offline. Its requests equal
 likelihood.loglikelihoods on lm-eval's context/continuation split, rolling scores equal the prefix NLL,
 generation stops where it should and is greedy decoding conditioned on the context, and a tiny
 task runs end to end through lm_eval.simple_evaluate. Skipped where lm-eval is not installed."""

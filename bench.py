@@ -2,8 +2,9 @@
 How fast zip2zip is, side by side with what it replaces, in one run:
 
 1. codec: our LZW encoder and decoder in base tokens per second, against a naive tuple-dict LZW
-   (DESIGN.md section 1, line by line) and the published Rust codec `zip2zip-compression` when it
-   is installed, on the same 1024-token windows of pycode val, with equal outputs (asserted).
+   (DESIGN.md section 1, line by line: tests/naive_lzw.py) and the published Rust codec
+   `zip2zip-compression` when it is installed, on the same 1024-token windows of pycode val, with
+   equal outputs (asserted).
 2. decoding: text bytes per second of KV-cached decoding, zip2zip (M=4) against the plain model
    (M=1) of the same size, replaying real validation text one code per step as generation would,
    at batch 1 and 8, and the aten ops one step dispatches (each a kernel launch on a GPU, which
@@ -39,6 +40,7 @@ import torch
 import kernels
 from fastgen import StaticStepper
 from lib import cli
+from tests.naive_lzw import naive_lzw_decode, naive_lzw_encode
 from zip2zip import GPT, LZW, GPTConfig, Tokenizer, lzw_decode, lzw_encode
 
 ROOT = os.path.dirname(os.path.abspath(__file__))
@@ -118,69 +120,6 @@ def load_tokens(name, split):
 # 1. codec
 
 
-class NaiveLZW:
-    """DESIGN.md section 1 line by line, with tuples as codebook keys: slow and obviously right."""
-
-    def __init__(self, V, C, M, D=()):
-        self.V, self.C, self.M, self.D = V, C, M, set(D)
-        self.codebook, self.entries, self.buf = {}, [], ()
-
-    def code(self, buf):
-        return buf[0] if len(buf) == 1 else self.codebook[buf]
-
-    def step(self, t, out):
-        """Encode one base id, appending what it emits to out."""
-        buf = self.buf
-        if t in self.D:
-            if buf:
-                out.append(self.code(buf))
-            out.append(t)
-            buf = ()
-        elif len(buf) == 0 or buf + (t,) in self.codebook:
-            buf = buf + (t,)
-        else:
-            if len(self.entries) < self.C:
-                self.codebook[buf + (t,)] = self.V + len(self.entries)
-                self.entries.append(buf + (t,))
-            out.append(self.code(buf))
-            buf = (t,)
-        if len(buf) == self.M:
-            out.append(self.code(buf))
-            buf = ()
-        self.buf = buf
-
-    def resolve(self, c):
-        """Section 1.1: the base ids of the next code a decoder reads."""
-        n, buf = len(self.entries), self.buf
-        if 0 <= c < self.V:
-            return (c,)
-        if c < self.V + n:
-            return self.entries[c - self.V]
-        if c == self.V + n and buf and len(buf) < self.M and n < self.C and buf + (buf[0],) not in self.codebook:
-            return buf + (buf[0],)
-        raise ValueError(f"invalid code {c}")
-
-
-def naive_encode(ids, V, C, M, D=()):
-    lzw, out = NaiveLZW(V, C, M, D), []
-    for t in ids:
-        lzw.step(t, out)
-    if lzw.buf:
-        out.append(lzw.code(lzw.buf))
-    return out
-
-
-def naive_decode(codes, V, C, M, D=()):
-    """The decoder is the encoder, fed with what it decodes."""
-    lzw, ids, unused = NaiveLZW(V, C, M, D), [], []
-    for c in codes:
-        content = lzw.resolve(c)
-        ids.extend(content)
-        for t in content:
-            lzw.step(t, unused)
-    return ids
-
-
 def unchecked_encode(ids, V, C, M, D):
     """lzw_encode without its input checks (a list of ints in range is taken on trust): what the
     checks cost is ours / unchecked."""
@@ -197,9 +136,9 @@ def bench_codec(cfg):
     single, batch = windows[:cfg.n_single], windows[:cfg.n_batch or len(windows)]
     codes = [lzw_encode(w, V, C, M, D) for w in single]
     n_single, n_batch = sum(map(len, single)), sum(map(len, batch))
-    encoders = {"ours": lambda w: lzw_encode(w, V, C, M, D), "naive": lambda w: naive_encode(w, V, C, M, D),
+    encoders = {"ours": lambda w: lzw_encode(w, V, C, M, D), "naive": lambda w: naive_lzw_encode(w, V, C, M, D),
                 "unchecked": lambda w: unchecked_encode(w, V, C, M, D)}
-    decoders = {"ours": lambda c: lzw_decode(c, V, C, M, D), "naive": lambda c: naive_decode(c, V, C, M, D)}
+    decoders = {"ours": lambda c: lzw_decode(c, V, C, M, D), "naive": lambda c: naive_lzw_decode(c, V, C, M, D)}
     batch_encoders = {"ours": lambda ws: [lzw_encode(w, V, C, M, D) for w in ws]}
     try:
         from zip2zip_compression import LZWCompressor

@@ -16,18 +16,9 @@ import copy
 
 import torch
 
-from zip2zip import Canon, prompt_rows, sample, vocabulary_logits_
-
-
-def context_length(n, block_size):
-    """How many of the last codes of a row of n codes are in the context once it is read: a full
-    context keeps its last block_size // 2 codes (zip2zip.Stepper's rule), so past block_size the
-    count cycles from block_size // 2 up to block_size. Example, block_size 16: n = 16 -> 16,
-    17 -> 8, 25 -> 16, 26 -> 8."""
-    if n <= block_size:
-        return n
-    keep = block_size // 2
-    return keep + (n - block_size - 1) % (block_size - keep + 1)
+from lib.checks import prompt_rows
+from zip2zip import (NO_PARENT, Canon, cache_dtype, context_length, embed_contents, pad_contents, sample,
+                     vocabulary_logits_)
 
 
 def decode_step(model, state, packed, temperature, top_k):
@@ -37,7 +28,7 @@ def decode_step(model, state, packed, temperature, top_k):
     StaticStepper._pack), field by field, each field for all B rows (so that every field is a
     contiguous view and nothing is copied): the code as a base id (0 if it is none) and as a
     table row (C if it is none), its slot in the KV cache (its position), n + 1 if a pending id
-    exists else n (n: the entries installed), the code of the encoder's current match; then the
+    exists else n (n: the entries installed), the id of the encoder's current match; then the
     M + 1 table rows to write (the entries the code installed, padded to the scratch row C, and
     row n for the pending content), their (trie parent, first, last base id), and their contents
     and lengths. state: the StaticStepper's tensors, written in place. Returns the next-code logits
@@ -93,16 +84,14 @@ class StaticStepper:
     device at once; decode_step then runs with no host sync, and one read back brings the sampled
     next codes (`next`). `logits` holds the next-code logits (B, V [+ C + 1]).
 
-    A row whose context is full keeps its last block_size // 2 codes (their keys and values are
-    recomputed, outside the step, at positions from 0) and goes on; its codebook lives on.
+    A row whose context is full is cropped as zip2zip.context_length says (the kept codes' keys and
+    values recomputed, outside the step, at positions from 0) and goes on; its codebook lives on.
     """
 
     @torch.no_grad()
     def __init__(self, model, prompts, temperature=1.0, top_k=None, compile=False):
         c, device = model.config, model.device
-        # the compute dtype: autocast's if it is on (bf16 on a GPU), else the weights'
-        dtype = torch.get_autocast_dtype(device.type) if torch.is_autocast_enabled(device.type) \
-            else model.transformer.wte.weight.dtype
+        dtype = cache_dtype(model)              # the KV cache's and the tables': the compute dtype
         if compile and dtype != model.transformer.wte.weight.dtype:
             # decode with a copy of the weights in that dtype, as gpt-fast does: under autocast, the
             # compiled step would cast every weight again at every call (the (V, d) output matrix too)
@@ -122,8 +111,11 @@ class StaticStepper:
         if c.has_hypertokens:
             self.state["table_in"] = zeros(B, c.max_codebook_size + 1, c.n_embd)
             self.state["table_out"] = self.state["table_in"] if c.tie_weights else torch.zeros_like(self.state["table_in"])
-            # (parent, first, last) of each slot; parent -2 never equals a match code (-1: none)
-            self.state["trie"] = torch.tensor([-2, 0, 0], device=device).repeat(B, c.max_codebook_size + 1, 1)
+            # the trie facts of each row's hyper columns, as zip2zip.canon_facts builds them for one
+            # position, kept up to date by the host: a row holds nobody's child until it is written.
+            # (Built in the step, they would cost the step five more kernel launches.)
+            nobody = torch.tensor([NO_PARENT, 0, 0], device=device)
+            self.state["trie"] = nobody.repeat(B, c.max_codebook_size + 1, 1)
         self.step = decode_step
         if compile:
             if device.type == "cuda":   # CUDA graphs need tensors that stay where they are
@@ -149,15 +141,12 @@ class StaticStepper:
         if not new:
             return
         c, device = self.model.config, self.model.device
-        contents = [self.lzw[b].entries[j] for b, j in new]
-        padded = torch.tensor([e + (0,) * (c.max_subtokens - len(e)) for e in contents], device=device)
-        h_in, h_out = self.model.hyper_tables(padded, torch.tensor([len(e) for e in contents], device=device))
+        h_in, h_out = embed_contents(self.model, [self.lzw[b].entries[j] for b, j in new])
         rows, cols = (torch.tensor(v, device=device) for v in zip(*new))
         self.state["table_in"][rows, cols] = h_in.to(self.state["table_in"].dtype)
         if not c.tie_weights:   # tied: table_out is table_in, written just now
             self.state["table_out"][rows, cols] = h_out.to(self.state["table_out"].dtype)
-        self.state["trie"][rows, cols] = torch.tensor(
-            [(self.lzw[b].parents[j], e[0], e[-1]) for (b, j), e in zip(new, contents)], device=device)
+        self.state["trie"][rows, cols] = torch.tensor([self.lzw[b].nodes([j])[0] for b, j in new], device=device)
 
     def _refill(self, rows, codes):
         """Recompute keys and values of codes (one list per row of the slice `rows`) at slots and
@@ -190,17 +179,17 @@ class StaticStepper:
         V, C, M = c.vocab_size, c.max_codebook_size, c.max_subtokens
         pending, n = lzw.pending(), lzw.n_entries
         head = [[code if code < V else 0], [code - V if code >= V else C], [self.filled[b]],
-                [n + (pending is not None)], [lzw.code]]
+                [n + (pending is not None)], [lzw.buf]]
         self.filled[b] += 1
         if not c.has_hypertokens:
             return head
         pad = M - len(new)
         slots = list(new) + [C] * pad + [n if pending else C]
-        trie = [(lzw.parents[j], lzw.entries[j][0], lzw.entries[j][-1]) for j in new] + [(-2, 0, 0)] * pad + \
-            [(-2, pending[0] if pending else 0, 0)]   # the pending id is never a child: parent -2
+        # the new entries' trie nodes, then column n as canon_facts has it: the pending id, nobody's child
+        trie = lzw.nodes(new) + [(NO_PARENT, 0, 0)] * pad + [(NO_PARENT, pending[0] if pending else 0, 0)]
         contents = [lzw.entries[j] for j in new] + [(0,)] * pad + [pending or (0,)]
         return head + [slots, [t for e in trie for t in e],
-                       [t for e in contents for t in e + (0,) * (M - len(e))], [len(e) for e in contents]]
+                       [t for e in pad_contents(contents, M) for t in e], [len(e) for e in contents]]
 
     def _run(self, parts):
         # one host-to-device copy of the step's input (field by field: see decode_step), one
@@ -220,9 +209,9 @@ class StaticStepper:
             n = lzw.n_entries
             lzw.push(code, len(self.rows[b]))
             self.rows[b].append(code)
-            if self.filled[b] == c.block_size:   # context full: keep the row's last block_size // 2
-                kept = self.rows[b][len(self.rows[b]) - c.block_size // 2:-1]
-                self._refill(slice(b, b + 1), [kept])
+            keep = context_length(len(self.rows[b]), c.block_size) - 1   # the codes before this one that stay
+            if keep < self.filled[b]:            # the context is full: crop it as zip2zip.context_length says
+                self._refill(slice(b, b + 1), [self.rows[b][len(self.rows[b]) - 1 - keep:-1]])
             parts.append(self._pack(b, code, range(n, lzw.n_entries)))
         self._run(parts)
 

@@ -43,8 +43,8 @@ import torch.nn as nn
 
 import fastgen
 import kernels
-import multiview
 import zip2zip
+from evals import multiview
 from lib import adapt, cli, loader, outdir
 from lib.loader import EOT, build_batch, check_tokens, eval_windows
 from lib.meter import Meter, eta_seconds, flops_per_batch, hms, sync
@@ -211,17 +211,18 @@ def get_batch(data, job, j):
 
 
 def make_model(cfg, mconf, resumed=None):
-    """The model on the CPU, as init_from says, with LoRA adapters when lora_rank > 0. Adapting
-    takes the source's architecture (cfg is updated) and checks that every base weight loaded."""
+    """(the model on the CPU, as init_from says, with LoRA adapters when lora_rank > 0; the run's
+    settings). Adapting takes the source's architecture (the settings returned are a copy that
+    holds it) and checks that every base weight loaded."""
     if cfg.init_from == "resume":
         model, ckpt = resumed
         if cfg.lora_rank:   # the checkpoint holds the weights with the adapters folded in
             adapt.unfold_lora(model, ckpt.get("lora"), cfg.lora_rank, cfg.lora_alpha, cfg.out_dir)
-        return model
-    model = GPT(mconf) if cfg.init_from == "scratch" else adapt.adapted_model(cfg, mconf)
+        return model, cfg
+    model, cfg = (GPT(mconf), cfg) if cfg.init_from == "scratch" else adapt.adapted_model(cfg, mconf)
     if cfg.lora_rank:
         adapt.add_lora(model, cfg.lora_rank, cfg.lora_alpha)
-    return model
+    return model, cfg
 
 
 # -----------------------------------------------------------------------------
@@ -304,7 +305,7 @@ def get_lr(cfg, it, seconds):
 
 
 def main(argv=None):
-    """Train as the settings say; returns the figures tests and reproduce.py read."""
+    """Train as the settings say; returns the figures tests and evals/reproduce.py read."""
     argv = sys.argv[1:] if argv is None else list(argv)
     with ExitStack() as held:   # released however main ends: the out_dir lock, Ctrl-C's handler, the workers
         env = setup(argv, held)                          # settings, processes, device, the out_dir
@@ -394,14 +395,14 @@ def build_model(env):
     cfg, ckpt = env.cfg, env.ckpt
     try:
         torch.manual_seed(cfg.seed)
-        model = make_model(cfg, env.mconf, env.resumed)
+        model, cfg = make_model(cfg, env.mconf, env.resumed)
     except (ValueError, FileNotFoundError) as e:
         raise SystemExit(f"error: {e}")
     if model.config.has_hypertokens and (model.config.recon_lambda == 0 or model.config.recon_max_entries == 0):
         model.recon.requires_grad_(False)   # unused: DDP would wait for its gradient
     run = SimpleNamespace(raw_model=model.to(env.device), metrics=None, history=[], stop=False, eval_seconds=0.0,
                           last_eval=0.0)
-    env.mconf = model.config                # adapting takes the source's architecture
+    env.cfg, env.mconf = cfg, model.config  # adapting takes the source's architecture
     if env.device_type == "cuda":
         kernels.use_kernels(model)          # the fused embedding lookups
     run.iter_num, run.train_seconds, run.best_val_loss = \

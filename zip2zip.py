@@ -20,18 +20,24 @@ With max_subtokens=1 nothing is ever merged and the model is exactly a plain GPT
 Reference: Geng et al., "zip2zip: Inference-Time Adaptive Tokenization via Online Compression",
 NeurIPS 2025, arXiv 2506.01084. The exact codec and output vocabulary are in DESIGN.md.
 
-Layout: the LZW codec, the tokenizer, the hyper-encoder, attention, MLP, Block, the config, and
-the model: forward and its losses, likelihoods, and generation one code at a time (Stepper).
-Beside it: fastgen.py (the same generation, batched and compiled), kernels.py (fused lookups),
-multiview.py (likelihoods summed over segmentations); the scripts' plumbing is in lib/.
+This file, in order: the LZW codec and the tokenizer; the hyper-batch (each row's codebook,
+position by position); nanoGPT's blocks; the embedding lookups and the hyper-encoder; the exact
+(and canonical) vocabulary; the config; the GPT (forward, its losses, the prefix NLL); and
+generation one code at a time (Stepper). Beside it: fastgen.py (the same generation, batched and
+compiled), kernels.py (fused lookups), evals/ (likelihoods, lm-eval), lib/checks.py (input checks).
 """
 
 import math
-import os
 from dataclasses import dataclass, fields, replace
 from typing import NamedTuple
 
 import numpy as np
+import torch
+import torch.nn as nn
+from torch.nn import functional as F
+
+from data.common import gpt2_bpe
+from lib.checks import as_ids, base_ids, check_config, check_targets, prompt_rows
 
 # -----------------------------------------------------------------------------
 # LZW codec
@@ -54,6 +60,8 @@ class LZW:
     vocab_size V: hypertoken ids start here.  max_codebook_size C: at most C entries.
     max_subtokens M: longest hypertoken in base tokens (a match reaching M is emitted at once).
     disabled_ids D: never merged (e.g. <|endoftext|>); each one is a wall between matches.
+    The rule step by step, with a dict of tuples: tests/naive_lzw.py, which DESIGN.md 1 quotes;
+    this class is the same codec made fast (a trie with integer keys, the match held as its id).
     """
 
     def __init__(self, vocab_size, max_codebook_size, max_subtokens, disabled_ids=()):
@@ -63,11 +71,11 @@ class LZW:
         self.V, self.C, self.M = vocab_size, max_codebook_size, max_subtokens
         self.disabled = frozenset(int(d) for d in disabled_ids)
         self.entries = []   # entries[i]: tuple of base ids of hypertoken V+i
-        self.parents = []   # parents[i]: code of the match that entry i extended by one base id
-        # The codebook as a trie: edge key code*V + t -> code of that match extended by base id t.
-        # An int key is much faster to hash than a tuple, and the match is carried as its code.
+        self.parents = []   # parents[i]: the id of the match that entry i extended by one base id
+        # The codebook as a trie: edge key id*V + t -> the id of that match extended by base id t.
+        # An int key is much faster to hash than a tuple, and the match is carried as its id.
         self.edges = {}
-        self.code = -1      # code of the current match ("buf" in DESIGN.md); -1 when empty
+        self.buf = -1       # the current match (DESIGN.md's buf), as the id it is emitted as; -1: empty
         self.length = 0     # its length in base tokens
 
     def content(self, code):
@@ -79,40 +87,40 @@ class LZW:
         V, C, M, D = self.V, self.C, self.M, self.disabled
         edges, entries, parents, emit = self.edges, self.entries, self.parents, out.append
         follow = edges.get                      # bound once: this loop is the codec's hot path
-        code, length, n = self.code, self.length, len(self.entries)
+        buf, length, n = self.buf, self.length, len(self.entries)
         for t in ids:
-            if code >= 0:
-                nxt = follow(code * V + t)
+            if buf >= 0:
+                nxt = follow(buf * V + t)
                 if nxt is not None:             # the match extends (never by a disabled id:
-                    code, length = nxt, length + 1   # no entry holds one)
+                    buf, length = nxt, length + 1    # no entry holds one)
                     if length == M:             # longest allowed: emit now, make no entry
-                        emit(code)
-                        code, length = -1, 0
+                        emit(buf)
+                        buf, length = -1, 0
                     continue
             if t in D:                          # a wall: flush the match, emit t, merge nothing
-                if code >= 0:
-                    emit(code)
+                if buf >= 0:
+                    emit(buf)
                 emit(t)
-                code, length = -1, 0
+                buf, length = -1, 0
                 continue
-            if code >= 0:                       # the match ends: new entry (if room), emit it
+            if buf >= 0:                        # the match ends: new entry (if room), emit it
                 if n < C:
-                    edges[code * V + t] = V + n
-                    entries.append(((code,) if code < V else entries[code - V]) + (t,))
-                    parents.append(code)
+                    edges[buf * V + t] = V + n
+                    entries.append(((buf,) if buf < V else entries[buf - V]) + (t,))
+                    parents.append(buf)
                     n += 1
-                emit(code)
-            code, length = t, 1                 # a single base id always matches
+                emit(buf)
+            buf, length = t, 1                  # a single base id always matches
             if M == 1:
-                emit(code)
-                code, length = -1, 0
-        self.code, self.length = code, length
+                emit(buf)
+                buf, length = -1, 0
+        self.buf, self.length = buf, length
 
     def flush(self, out):
         """End of input: emit the current match, if any."""
-        if self.code >= 0:
-            out.append(self.code)
-        self.code, self.length = -1, 0
+        if self.buf >= 0:
+            out.append(self.buf)
+        self.buf, self.length = -1, 0
 
     @property
     def n_entries(self):
@@ -133,12 +141,17 @@ class LZW:
         codebook has room, and that extension is not an entry already. (The match is always
         shorter than M here: a match of length M was emitted at once.)
         """
-        if self.code < 0 or len(self.entries) >= self.C:
+        if self.buf < 0 or len(self.entries) >= self.C:
             return None
-        buf = self.content(self.code)
-        if self.code * self.V + buf[0] in self.edges:
+        match = self.content(self.buf)
+        if self.buf * self.V + match[0] in self.edges:
             return None
-        return buf + (buf[0],)
+        return match + (match[0],)
+
+    def nodes(self, js):
+        """Entries js as nodes of the codebook trie, [(parent, first base id, last base id)]: all
+        the canonical mask needs to know of an entry (DESIGN.md 2.1)."""
+        return [(self.parents[j], self.entries[j][0], self.entries[j][-1]) for j in js]
 
     def starting_with(self, ids):
         """Every code this state can read next whose content starts with the base ids `ids`: the
@@ -167,14 +180,14 @@ class LZW:
                          f"hypertoken < {self.V + n}, or the pending id {self.V + n} when one exists")
 
     def trace(self, codes):
-        """Decode codes; after each, record the number of installed entries, the code of the
-        current match (-1: none) and the pending content (pending(); None when there is no pending
-        id). What the model needs at every position of a row (hyper_batch)."""
+        """Decode codes; after each, record the number of installed entries, the id of the current
+        match (-1: none) and the pending content (pending(); None when there is no pending id).
+        What the model needs at every position of a row (hyper_batch)."""
         n_after, match_after, pending_after, sink = [], [], [], []
         for t, code in enumerate(codes):
             self.feed(self.resolve(code, t) if code >= self.V else (code,), sink)
             n_after.append(len(self.entries))
-            match_after.append(self.code)
+            match_after.append(self.buf)
             pending_after.append(self.pending())
         return n_after, match_after, pending_after
 
@@ -184,45 +197,6 @@ class LZW:
         n = len(self.entries)
         self.feed(ids, [])
         return ids, range(self.V + n, self.V + len(self.entries))
-
-
-def check_base_ids(ids, vocab_size, offset=0):
-    # two fast passes (min, max); the walk that finds the position runs only on a failure
-    if len(ids) and not (0 <= min(ids) and max(ids) < vocab_size):
-        i = next(i for i, t in enumerate(ids) if not 0 <= t < vocab_size)
-        raise ValueError(f"base id {ids[i]} at position {offset + i} is outside the base vocabulary "
-                         f"0..{vocab_size - 1}")
-
-
-def as_ids(ids, what="ids"):
-    """ids as a list of Python ints. Ids are integers: floats, bools, None or a 2-D array are a
-    TypeError that says so (a float id would otherwise pass through the decoder unnoticed)."""
-    if getattr(ids, "ndim", 1) != 1:
-        raise TypeError(f"{what} must be one-dimensional, got an array of {ids.ndim} dimensions")
-    if not isinstance(ids, list):
-        if not hasattr(ids, "__iter__"):
-            raise TypeError(f"{what} must be a sequence of integers, got {type(ids).__name__}")
-        ids = ids.tolist() if hasattr(ids, "tolist") else list(ids)
-    types = set(map(type, ids))
-    if types - {int}:                                  # rare: numpy ints, or something wrong
-        for i, t in enumerate(ids):
-            if isinstance(t, bool) or not isinstance(t, (int, np.integer)):
-                raise TypeError(f"{what} must be integers, got {t!r} ({type(t).__name__}) at position {i}")
-        ids = [int(t) for t in ids]
-    return ids
-
-
-def base_ids(ids, vocab_size, offset=0):
-    """ids as a list of Python ints in 0..vocab_size-1, or the TypeError or ValueError that says
-    what is wrong. An integer array (a window of a .bin memmap, in the training loader) needs no
-    walk over its values: its dtype says they are integers, and numpy checks their range."""
-    if isinstance(ids, np.ndarray) and ids.ndim == 1 and ids.dtype.kind in "iu":
-        if ids.size and not (0 <= ids.min() and ids.max() < vocab_size):
-            check_base_ids(ids, vocab_size, offset)    # finds the position and raises
-        return ids.tolist()
-    ids = as_ids(ids)
-    check_base_ids(ids, vocab_size, offset)
-    return ids
 
 
 def lzw_encode(ids, vocab_size, max_codebook_size, max_subtokens, disabled_ids=()):
@@ -250,39 +224,8 @@ def lzw_decode(codes, vocab_size, max_codebook_size, max_subtokens, disabled_ids
         ids.extend(lzw.resolve(code, i))
     return ids
 
-
 # -----------------------------------------------------------------------------
-# Tokenizer: text -> GPT-2 BPE base ids (tiktoken r50k_base) -> LZW codes, and back
-
-RANKS = os.path.join(os.path.dirname(os.path.abspath(__file__)), "data", "r50k_base.tiktoken")
-RANKS_SHA256 = "306cd27f03c1a714eca7108e03d66b7dc042abe8c258b44c199a7ed9838dd930"
-
-
-def gpt2_bpe(path=None):
-    """GPT-2's BPE as a tiktoken Encoding (r50k_base), built from the ranks file shipped in this
-    repository (OpenAI's, MIT licensed: data/r50k_base.LICENSE), so that nothing is ever
-    downloaded. Same ids as tiktoken.get_encoding("r50k_base"). OSError with the path if the file
-    is missing or damaged."""
-    import base64
-    import hashlib
-
-    import tiktoken
-    from tiktoken_ext import openai_public
-    path = path or RANKS
-    try:
-        with open(path, "rb") as f:
-            data = f.read()
-    except OSError as e:
-        raise OSError(f"GPT-2's BPE ranks (r50k_base) are missing: {e}; they ship with the repository "
-                      f"as data/r50k_base.tiktoken (restore it with git checkout)") from None
-    if hashlib.sha256(data).hexdigest() != RANKS_SHA256:
-        raise OSError(f"{path} is damaged (its sha256 is not r50k_base's): restore it with git checkout")
-    ranks = {base64.b64decode(tok): int(rank) for tok, rank in (line.split() for line in data.splitlines() if line)}
-    # the split pattern as tiktoken writes it (older versions inline it in their gpt2 definition)
-    pattern = getattr(openai_public, "r50k_pat_str",
-                      r"""'(?:[sdmt]|ll|ve|re)| ?\p{L}+| ?\p{N}+| ?[^\s\p{L}\p{N}]+|\s+(?!\S)|\s+""")
-    return tiktoken.Encoding("r50k_base", pat_str=pattern, mergeable_ranks=ranks,
-                             special_tokens={"<|endoftext|>": 50256}, explicit_n_vocab=50257)
+# Tokenizer: text -> GPT-2 BPE base ids (tiktoken r50k_base, data/common.py) -> LZW codes, and back
 
 
 class Tokenizer:
@@ -331,13 +274,6 @@ class Tokenizer:
         return int(self.byte_lengths[np.asarray(ids, dtype=np.int64)].sum())
 
 # -----------------------------------------------------------------------------
-# The model needs torch; the codec and the tokenizer above do not.
-
-import torch  # noqa: E402
-import torch.nn as nn  # noqa: E402
-from torch.nn import functional as F  # noqa: E402
-
-# -----------------------------------------------------------------------------
 # What the model needs to know about each row's codebook, position by position
 #
 # The codebook of a row is a function of the row's codes: decode them and record, after each
@@ -345,17 +281,20 @@ from torch.nn import functional as F  # noqa: E402
 # content (if any). The hyper-encoder output depends only on an entry's base ids, so contents
 # are deduplicated across the whole batch and encoded once. Example (V=100, M=4), row [7, 100]:
 #   after 7: n=0, match 7, pending (7,7) | after 100: n=1 (100=[7,7]), match 100, pending (7,7,7)
-#   contents [(7,7), (7,7,7)]; entries[0] = [0]; parents[0] = [7]; pending_index[0] = [0, 1]
+#   contents [(7,7), (7,7,7)]; entry_index[0] = [0]; nodes[0] = [(7, 7, 7)]; pending_index[0] = [0, 1]
+
+NO_PARENT = -2   # the trie parent of a column that holds no installed entry (a pad, the pending id):
+                 # never a match's id (-1: no match), so such a column is nobody's child (DESIGN.md 2.1)
 
 
 @dataclass
 class HyperBatch:
     contents: "torch.Tensor"       # (U, M) int64: unique base-id contents, padded with 0
     lengths: "torch.Tensor"        # (U,) int64: their lengths, 2..M
-    entries: "torch.Tensor"        # (B, K) int64: row b's hypertoken V+j is contents[entries[b, j]]
-    parents: "torch.Tensor"        # (B, K) int64: the code entry j extended by one base id; -2: pad
+    entry_index: "torch.Tensor"    # (B, K) int64: row b's hypertoken V+j is contents[entry_index[b, j]]
+    nodes: "torch.Tensor"          # (B, K, 3) int64: entry j as a trie node (LZW.nodes); pads NO_PARENT
     n_installed: "torch.Tensor"    # (B, T) int64: entries installed after reading codes 0..t
-    match: "torch.Tensor"          # (B, T) int64: code of the encoder's current match after t; -1: none
+    match: "torch.Tensor"          # (B, T) int64: id of the encoder's current match after t; -1: none
     pending_index: "torch.Tensor"  # (B, T) int64: index in contents of the pending content after t; -1: none
 
     def to(self, device):
@@ -363,6 +302,12 @@ class HyperBatch:
         cuda = torch.device(device).type == "cuda"
         return HyperBatch(*((getattr(self, f.name).pin_memory() if cuda else getattr(self, f.name))
                             .to(device, non_blocking=cuda) for f in fields(self)))
+
+
+def pad_contents(contents, M):
+    """Contents (tuples of base ids) padded with 0 to M slots, as the hyper-encoder reads them (it
+    masks the pads). Example, M=4: [(5, 7), (1, 2, 3)] -> [(5, 7, 0, 0), (1, 2, 3, 0)]."""
+    return [c + (0,) * (M - len(c)) for c in contents]
 
 
 def hyper_batch(rows, vocab_size, max_codebook_size, max_subtokens, disabled_ids=()):
@@ -375,41 +320,28 @@ def hyper_batch(rows, vocab_size, max_codebook_size, max_subtokens, disabled_ids
             contents.append(c)
         return index[c]
 
-    entries, parents, n_installed, matches, pending_index = [], [], [], [], []
+    entry_index, nodes, n_installed, matches, pending_index = [], [], [], [], []
     for row in rows:
         lzw = LZW(vocab_size, max_codebook_size, max_subtokens, disabled_ids)
         n_row, match, pending = lzw.trace(row)
-        entries.append([content_id(e) for e in lzw.entries])
-        parents.append(lzw.parents)
+        entry_index.append([content_id(e) for e in lzw.entries])
+        nodes.append(lzw.nodes(range(lzw.n_entries)))
         n_installed.append(n_row)
         matches.append(match)
         pending_index.append([-1 if p is None else content_id(p) for p in pending])
-    K, M, B = max((len(e) for e in entries), default=0), max_subtokens, len(rows)
+    K, M, B = max((len(e) for e in entry_index), default=0), max_subtokens, len(rows)
     tensor = lambda a, *shape: torch.from_numpy(np.array(a, dtype=np.int64).reshape(shape))
     return HyperBatch(
-        contents=tensor([c + (0,) * (M - len(c)) for c in contents], -1, M),
+        contents=tensor(pad_contents(contents, M), -1, M),
         lengths=tensor([len(c) for c in contents], -1),
-        entries=tensor([e + [0] * (K - len(e)) for e in entries], B, K),
-        parents=tensor([p + [-2] * (K - len(p)) for p in parents], B, K),
+        entry_index=tensor([e + [0] * (K - len(e)) for e in entry_index], B, K),
+        nodes=tensor([p + [(NO_PARENT, 0, 0)] * (K - len(p)) for p in nodes], B, K, 3),
         n_installed=tensor(n_installed, B, -1),
         match=tensor(matches, B, -1),
         pending_index=tensor(pending_index, B, -1))
 
-
 # -----------------------------------------------------------------------------
-# The model: nanoGPT's GPT, plus a hyper-encoder for the hypertoken rows
-
-
-class LayerNorm(nn.Module):
-    """LayerNorm with an optional bias (PyTorch's has no bias=False before 2.1)."""
-
-    def __init__(self, ndim, bias):
-        super().__init__()
-        self.weight = nn.Parameter(torch.ones(ndim))
-        self.bias = nn.Parameter(torch.zeros(ndim)) if bias else None
-
-    def forward(self, x):
-        return F.layer_norm(x, self.weight.shape, self.weight, self.bias, 1e-5)
+# nanoGPT's blocks (the hyper-encoder is made of them too)
 
 
 class SelfAttention(nn.Module):
@@ -458,9 +390,9 @@ class MLP(nn.Module):
 class Block(nn.Module):
     def __init__(self, config, causal=True):
         super().__init__()
-        self.ln_1 = LayerNorm(config.n_embd, bias=config.bias)
+        self.ln_1 = nn.LayerNorm(config.n_embd, bias=config.bias)
         self.attn = SelfAttention(config, causal)
-        self.ln_2 = LayerNorm(config.n_embd, bias=config.bias)
+        self.ln_2 = nn.LayerNorm(config.n_embd, bias=config.bias)
         self.mlp = MLP(config)
 
     def forward(self, x, mask=None, cache=None):
@@ -468,8 +400,10 @@ class Block(nn.Module):
         return x + self.mlp(self.ln_2(x))
 
 
-# The two embedding lookups, in plain PyTorch. kernels.py fuses each into one Triton kernel,
-# tested equal to these, and kernels.use_kernels(model) swaps them in (train.py does on a GPU).
+# -----------------------------------------------------------------------------
+# The two embedding lookups in plain PyTorch, and the hyper-encoder. kernels.py fuses each lookup
+# into one Triton kernel, tested equal to these; kernels.use_kernels(model) swaps them in (train.py
+# does on a GPU).
 
 
 def embed_codes(idx, wte, table, vocab_size):
@@ -517,7 +451,7 @@ class HyperEncoder(nn.Module):
 
     def __init__(self, config):
         super().__init__()
-        self.kind, M, d, dh = config.hyper_encoder, config.max_subtokens, config.n_embd, config.hyper_n_embd
+        self.kind, M, d, dh = config.hyper_encoder, config.max_subtokens, config.n_embd, config.hyper_width
         self.register_buffer("slots", torch.arange(M), persistent=False)   # 0..M-1
         self.embed_slots = embed_slots      # the plain lookup (kernels.use_kernels: a fused one)
         if self.kind == "mean":
@@ -530,16 +464,16 @@ class HyperEncoder(nn.Module):
         inner = replace(config, n_embd=dh, n_head=config.hyper_n_head)
         self.c_in = nn.Linear(d, dh, bias=config.bias)
         self.blocks = nn.ModuleList([Block(inner, causal=False) for _ in range(config.hyper_n_layer)])
-        self.ln_f = LayerNorm(dh, bias=config.bias)
+        self.ln_f = nn.LayerNorm(dh, bias=config.bias)
         self.proj = nn.Linear(dh, d, bias=config.bias)
 
-    def forward(self, contents, lengths, table):
-        # contents (U, M) base ids, lengths (U,), table (V, d) the base embeddings -> (U, d)
+    def forward(self, contents, lengths, wte):
+        # contents (U, M) base ids, lengths (U,), wte (V, d) the base embeddings -> (U, d)
         U, M = contents.size()
-        w = ((self.slots < lengths[:, None]) / lengths[:, None]).to(table.dtype)  # (U, M): mean weights, pads 0
+        w = ((self.slots < lengths[:, None]) / lengths[:, None]).to(wte.dtype)    # (U, M): mean weights, pads 0
         if self.kind == "mean":
-            return torch.einsum("um,umd->ud", w, F.embedding(contents, table))
-        x = self.embed_slots(contents, lengths, table, self.slot_pos)      # (U, M, d), pads are 0
+            return torch.einsum("um,umd->ud", w, F.embedding(contents, wte))
+        x = self.embed_slots(contents, lengths, wte, self.slot_pos)        # (U, M, d), pads are 0
         mean = torch.einsum("um,umd->ud", w, x - self.slot_pos.to(x.dtype))  # (U, d): of the base embeddings
         if self.kind == "mlp":
             # (U, M * d), spelled out: view(U, -1) cannot size a batch with no contents (U = 0)
@@ -554,14 +488,31 @@ class HyperEncoder(nn.Module):
         return mean + self.proj(torch.einsum("um,umd->ud", w, self.ln_f(h)))
 
 
+# -----------------------------------------------------------------------------
+# The output vocabulary at each position: exact (DESIGN.md 2) and canonical (2.1)
+
+
 class Canon(NamedTuple):
-    """What the canonical mask (DESIGN.md 2.1) needs to know at a position (leading shape ...),
-    about the encoder's current match and each hyper column j of the logits."""
-    match: torch.Tensor    # (...) the code of the encoder's current match; -1: none
-    parent: torch.Tensor   # (..., K + 1) the code column j's entry extended by one base id;
-                           #   -2 where column j holds no installed entry (nobody's child)
+    """What the canonical mask (DESIGN.md 2.1) needs to know at a position (leading shape ...):
+    the encoder's current match, and each hyper column j of the logits as a trie node."""
+    match: torch.Tensor    # (...) the id of the encoder's current match; -1: none
+    parent: torch.Tensor   # (..., K + 1) the id of the match column j's entry extended by one base
+                           #   id; NO_PARENT where column j holds no installed entry
     first: torch.Tensor    # (..., K + 1) the first base id of column j's code
     last: torch.Tensor     # (..., K + 1) its last base id
+
+
+def canon_facts(match, n, nodes, pending_first):
+    """The Canon of positions (...) from what the reader knows there: the one rule for what each
+    hyper column is. match (...), n (...): the match's id and the entries installed; nodes (..., K, 3):
+    the row's entries as trie nodes (LZW.nodes; rows j >= n are not read); pending_first (...): the
+    pending content's first base id (any id when there is none). Column j < n is entry j; column n
+    is the pending id, nobody's child; a column past n holds no installed entry either."""
+    col = torch.arange(nodes.size(-2) + 1, device=nodes.device)                 # (K + 1,)
+    parent, first, last = F.pad(nodes, (0, 0, 0, 1)).unbind(-1)                 # (..., K + 1) each
+    n = n[..., None]
+    first = torch.where(col == n, pending_first[..., None], first)
+    return Canon(match, torch.where(col < n, parent, NO_PARENT), first, last.expand_as(first))
 
 
 def vocabulary_logits_(base, hyper_logits, invalid, canon=None):
@@ -596,9 +547,37 @@ def token_nll(logits, targets):
     return nll.float().view(targets.shape)
 
 
+def sample(logits, temperature, top_k):
+    """The next code of each row (B,) from its logits (B, W), -1 where a row has no valid code.
+
+    Greedy when temperature is 0 or top_k is 1; else a draw from softmax(logits / temperature)
+    over the top_k codes, as argmax(p / q) with q ~ Exp(1) (the "exponential race": the same
+    distribution as torch.multinomial, with no host sync)."""
+    dead = torch.isneginf(logits).all(-1)
+    if temperature == 0 or top_k == 1:
+        return logits.argmax(-1).masked_fill(dead, -1)
+    # Subtle: the best logit is shifted to 0 before the division, so a tiny temperature sends the
+    # others to -inf (never inf - inf = NaN): the draw tends to greedy. A divisor below float32's
+    # range would round to 0, so it is held at 1e-30, where the draw is already greedy.
+    logits = logits.float()
+    logits, top = (logits - logits.amax(-1, keepdim=True)) / max(temperature, 1e-30), None
+    if top_k is not None:
+        logits, top = torch.topk(logits, min(top_k, logits.size(-1)))     # (B, k) and their codes
+    probs = F.softmax(logits, dim=-1)
+    # only codes of positive probability race: a masked code (p = 0) drawn with q = 0 would
+    # score 0 / 0 = NaN, which argmax takes for the largest
+    race = probs / torch.empty_like(probs).exponential_(1)
+    nxt = torch.where(probs > 0, race, -1.0).argmax(-1)
+    nxt = nxt if top is None else top.gather(-1, nxt[:, None])[:, 0]
+    return nxt.masked_fill(dead, -1)
+
+# -----------------------------------------------------------------------------
+# The config and the model: nanoGPT's GPT, plus a hyper-encoder for the hypertoken rows
+
+
 @dataclass
 class GPTConfig:
-    block_size: int = 1024          # context, in codes: on code it holds about twice the text of BPE
+    block_size: int = 1024          # context, in codes: on source code it holds about twice the text of BPE
     vocab_size: int = 50257         # V: GPT-2's BPE base vocabulary; hypertoken ids start here
     n_layer: int = 12               # GPT-2 small (124M), so released weights load for adaptation
     n_head: int = 12
@@ -611,31 +590,20 @@ class GPTConfig:
     canonical: bool = True          # score only canonical codes (DESIGN.md 2.1): the NLL is -log P(text)
     hyper_encoder: str = "transformer"  # transformer | mlp | mean (the paper: 1-2 layers beat the mean)
     hyper_n_layer: int = 1          # hyper-encoder depth: 1-2 layers beat mean pooling in the paper
-    hyper_n_embd: int = 0           # its width; 0: n_embd // 4, which keeps the extra work of a
-    hyper_n_head: int = 4           #   decoding step (about one new entry) at a few percent
-    tie_weights: bool = True        # one table (and one hyper-encoder) for input and output, as GPT-2
+    hyper_n_embd: int = 0           # its width; 0: about n_embd // 4 (hyper_width), so a new entry costs
+                                    #   a few percent of a decoding step (about one is made per step)
+    hyper_n_head: int = 4           # its heads: few, for it attends over at most M slots
+    tie_weights: bool = True        # one embedding (and one hyper-encoder) for input and output, as GPT-2
     recon_lambda: float = 0.1       # weight of the reconstruction loss (paper: 0.1); 0 turns it off
     recon_max_entries: int = 256    # hypertokens per batch it is computed on: it needs (N*M, V) logits
 
     def __post_init__(self):
-        if self.block_size < 2:
-            raise ValueError(f"block_size={self.block_size}: must be >= 2 (a full context keeps its last "
-                             f"block_size // 2 codes, and generation needs at least one)")
-        positive = ("vocab_size", "n_layer", "n_head", "n_embd", "max_subtokens", "hyper_n_layer", "hyper_n_head")
-        bad = [f"{k}={getattr(self, k)}" for k in positive if getattr(self, k) < 1]
-        if bad:
-            raise ValueError(f"{', '.join(bad)}: must be >= 1")
-        if self.n_embd % self.n_head:
-            raise ValueError(f"n_embd={self.n_embd} is not a multiple of n_head={self.n_head}")
-        if self.hyper_encoder not in ("transformer", "mlp", "mean"):
-            raise ValueError(f"hyper_encoder={self.hyper_encoder!r}: expected transformer, mlp or mean")
-        if self.max_codebook_size < 0 or not 0 <= self.dropout < 1:
-            raise ValueError(f"need max_codebook_size >= 0 and 0 <= dropout < 1, got {self.max_codebook_size}, "
-                             f"{self.dropout}")
-        if self.hyper_n_embd == 0:
-            self.hyper_n_embd = max(self.n_embd // 4 // self.hyper_n_head, 1) * self.hyper_n_head
-        if self.hyper_n_embd % self.hyper_n_head:
-            raise ValueError(f"hyper_n_embd={self.hyper_n_embd} is not a multiple of hyper_n_head={self.hyper_n_head}")
+        check_config(self)
+
+    @property
+    def hyper_width(self):
+        """The hyper-encoder's width: hyper_n_embd, or with 0 about n_embd // 4, a multiple of its heads."""
+        return self.hyper_n_embd or max(self.n_embd // 4 // self.hyper_n_head, 1) * self.hyper_n_head
 
     @property
     def has_hypertokens(self):
@@ -652,7 +620,7 @@ class GPT(nn.Module):
             wpe=nn.Embedding(config.block_size, config.n_embd),
             drop=nn.Dropout(config.dropout),
             h=nn.ModuleList([Block(config) for _ in range(config.n_layer)]),
-            ln_f=LayerNorm(config.n_embd, bias=config.bias),
+            ln_f=nn.LayerNorm(config.n_embd, bias=config.bias),
         ))
         self.lm_head = nn.Linear(config.n_embd, config.vocab_size, bias=False)
         if config.tie_weights:
@@ -686,6 +654,10 @@ class GPT(nn.Module):
         if non_embedding:
             n_params -= self.transformer.wpe.weight.numel()
         return n_params
+
+    @property
+    def device(self):
+        return self.transformer.wte.weight.device
 
     def codec(self):
         """A fresh LZW state with this model's settings."""
@@ -721,7 +693,7 @@ class GPT(nn.Module):
             hyper = self.hyper_batch(idx.tolist()).to(device)
         if c.has_hypertokens:
             h_in, h_out = self.hyper_tables(hyper.contents, hyper.lengths)    # (U, d) each
-            table_in = h_in[hyper.entries]                                    # (B, K, d)
+            table_in = h_in[hyper.entry_index]                                # (B, K, d)
         else:
             table_in = wte.new_zeros(B, 0, c.n_embd)
         tok_emb = self.embed_codes(idx, wte, table_in, c.vocab_size)         # (B, T, d)
@@ -753,9 +725,8 @@ class GPT(nn.Module):
         base (B, T, V), masked in place, joined with the scores of the row's installed entries and
         its pending id. x (B, T, d) the final hidden states; h_out (U, d) the contents' output
         hyper-embeddings. Returns (B, T, V + K + 1)."""
-        B, T, _ = x.size()
-        K = hyper.entries.size(1)
-        table = h_out[hyper.entries]                                          # (B, K, d)
+        K = hyper.entry_index.size(1)
+        table = h_out[hyper.entry_index]                                      # (B, K, d)
         # the pending id's vector; -1 (no pending id) reads an appended row of zeros
         pending_vec = torch.cat([h_out, h_out.new_zeros(1, x.size(-1))])[hyper.pending_index]   # (B, T, d)
         pending_logit = torch.einsum("btd,btd->bt", x, pending_vec)[..., None]                 # (B, T, 1)
@@ -764,17 +735,9 @@ class GPT(nn.Module):
         hyper_logits = torch.where(col == n, pending_logit, hyper_logits)     # the pending id is V + n
         invalid = col >= n + (hyper.pending_index >= 0)[..., None]            # (B, T, K + 1)
         canon = None
-        if self.config.canonical:
-            ends = F.pad(hyper.contents[hyper.entries], (0, 0, 0, 1))         # (B, K + 1, M): column K a pad
-            lengths = F.pad(hyper.lengths[hyper.entries], (0, 1), value=1)   # (B, K + 1)
-            last = ends.gather(-1, lengths[..., None] - 1)[..., 0]            # (B, K + 1)
-            # column n is the pending id, not entry n: it is nobody's child, and its first base id
-            # is the match's (an entry is nobody's child before it is installed, either)
+        if self.config.canonical:   # the pending content's first base id (0: none) at each position
             pending_first = torch.cat([hyper.contents[:, 0], hyper.contents.new_zeros(1)])[hyper.pending_index]
-            canon = Canon(match=hyper.match,
-                          parent=torch.where(col < n, F.pad(hyper.parents, (0, 1), value=-2)[:, None], -2),
-                          first=torch.where(col == n, pending_first[..., None], ends[:, None, :, 0]),
-                          last=last[:, None].expand(B, T, K + 1))
+            canon = canon_facts(hyper.match, hyper.n_installed, hyper.nodes[:, None], pending_first)
         return vocabulary_logits_(base, hyper_logits, invalid, canon)
 
     def reconstruction_loss(self, h, contents, lengths):
@@ -789,12 +752,11 @@ class GPT(nn.Module):
         return token_nll(logits, target).sum() / (target >= 0).sum().clamp(min=1)
 
     # -------------------------------------------------------------------------
-    # Likelihoods (DESIGN.md 2.2); the multi-view sums over segmentations are in multiview.py
-    #
-    # A model writes on past any text, so the likelihood of a text is the probability that the
-    # model's base tokens *start with* it. All the streams that spell a text and go on share their
-    # codes up to the text's last code; there, any valid code whose content starts with the last
-    # code's may stand (it may run past the text): the prefix probability sums them.
+    # The prefix NLL (DESIGN.md 2.2), which training's evaluation reports. A model writes on past
+    # any text, so the likelihood of a text is the probability that the model's base tokens *start
+    # with* it: at the text's last code, every valid code that spells the rest and may run past it
+    # counts. evals/likelihood.py builds conditional likelihoods on it; evals/multiview.py sums it
+    # over segmentations.
 
     def last_code_choices(self, codes):
         """The codes that may stand at the last position of `codes` when their text goes on: every
@@ -805,32 +767,16 @@ class GPT(nn.Module):
         return lzw.starting_with(lzw.resolve(codes[-1], len(codes) - 1))
 
     @torch.no_grad()
-    def code_logprobs(self, rows, keep):
-        """Teacher-force each row of codes. Returns, per row, (lp, dist): lp (n-1,) the log-prob of
-        code t given the codes before it, t = 1..n-1; dist (n - keep, W) the whole next-code
-        log-distribution at positions t = keep..n-1 (the row's keep). Rows that fit the context
-        share one forward pass; a longer row is read by a Stepper, which crops it as generation
-        does."""
-        c, out = self.config, []
-        short = [i for i, r in enumerate(rows) if len(r) <= c.block_size + 1]
-        if short:
-            T = max(len(rows[i]) for i in short) - 1
-            x = torch.tensor([rows[i][:-1] + [0] * (T + 1 - len(rows[i])) for i in short], device=self.device)
-            logp = F.log_softmax(self(x)[0].float(), dim=-1)                  # (B, T, W)
-        for i, (row, k) in enumerate(zip(rows, keep)):
-            n = len(row)
-            if i in short:
-                lp = logp[short.index(i), :n - 1]                               # (n - 1, W): position t at t - 1
-                out.append((lp.gather(-1, torch.tensor(row[1:], device=lp.device)[:, None])[:, 0], lp[k - 1:]))
-                continue
-            step, lp, dist = Stepper(self), [], []
-            width = c.vocab_size + (c.max_codebook_size + 1 if c.has_hypertokens else 0)   # every row's
-            for t in range(1, n):
-                step_logp = F.log_softmax(step.read(row[t - 1]).float(), dim=-1)
-                lp.append(step_logp[row[t]])
-                dist += [F.pad(step_logp, (0, width - step_logp.size(0)), value=float("-inf"))] if t >= k else []
-            out.append((torch.stack(lp), torch.stack(dist)))
-        return out
+    def next_logprobs(self, codes):
+        """The next code's log-distribution after each of `codes`, in order: from one forward pass
+        when they fit the context, else one at a time from a Stepper, which crops the context as
+        generation does (so a long text never holds all of its log-probs at once)."""
+        if len(codes) <= self.config.block_size:
+            yield from F.log_softmax(self(torch.tensor([codes], device=self.device))[0][0].float(), dim=-1)
+            return
+        stepper = Stepper(self)
+        for code in codes:
+            yield F.log_softmax(stepper.read(code).float(), dim=-1)
 
     def nll(self, codes, prefix=True):
         """Negative log-likelihood (nats) of codes[1:] given codes[0], one sequence. prefix=True:
@@ -839,79 +785,10 @@ class GPT(nn.Module):
         codes = as_ids(codes, "codes")
         if len(codes) < 2:
             return 0.0
-        lp, dist = self.code_logprobs([codes], [len(codes) - 1])[0]
-        if not prefix:
-            return -lp.sum().item()
-        return -(lp[:-1].sum() + dist[0, self.last_code_choices(codes)].logsumexp(0)).item()
-
-    @torch.no_grad()
-    def loglikelihoods(self, context, continuations):
-        """[(log P(continuation | context) in nats, is_greedy)] for several continuations of one
-        context (lists of base ids; the context's first id is the start, as in nll).
-
-        log P(cont | ctx) = log P_prefix(ctx + cont) - log P_prefix(ctx) (DESIGN.md 2.2): exact for
-        a canonical model (multiview.loglikelihoods sums over segmentations, for any model).
-        is_greedy (DESIGN.md 2.3): along the canonical codes of ctx + cont, from the context's last
-        code on, each code is a most probable one there (at the context's last code, among the
-        codes that spell the context's end; at the last, any code that spells the rest of the text
-        counts). All continuations are read in one forward pass, which also gives P_prefix(ctx):
-        the streams share the codes before the context's last one.
-        """
-        c = self.config
-        ctx, conts = as_ids(context, "context"), [as_ids(x, "continuation") for x in continuations]
-        if not ctx or not conts or not all(conts):
-            raise ValueError("loglikelihood needs a context of at least one id (the start) and non-empty continuations")
-        for ids in [ctx] + conts:
-            check_base_ids(ids, c.vocab_size)
-        args = (c.vocab_size, c.max_codebook_size, c.max_subtokens, c.disabled_ids)
-        head, rows = lzw_encode(ctx, *args), [lzw_encode(ctx + x, *args) for x in conts]
-        k = len(head)                            # the context's last code stands at position k - 1
-        spell_ctx = self.last_code_choices(head) if k > 1 else None
-        out = []
-        for row, (lp, dist) in zip(rows, self.code_logprobs(rows, [max(k - 1, 1)] * len(rows))):
-            n, spell_all = len(row), self.last_code_choices(row)
-            assert row[:k - 1] == head[:k - 1], "DESIGN.md 2.2: the streams share the codes before the context's last"
-            logp = lp[max(k - 2, 0):n - 2].sum() + dist[-1, spell_all].logsumexp(0)   # positions k-1 .. n-2, then n-1
-            if k > 1:
-                logp = logp - dist[0, spell_ctx].logsumexp(0)
-            # a tie for the most probable counts as greedy, to float rounding: an exact tie (the mean
-            # encoder embeds [t, t] as t) can come out either way in the teacher-forced pass and the
-            # decoding step, which round the same sums differently (seen: 1e-6 nats)
-            greedy = True
-            for t in range(max(k - 1, 1), n):
-                step = dist[t - max(k - 1, 1)]
-                best = step[spell_ctx].max() if t == k - 1 else step.max()
-                greedy &= bool(step[spell_all if t == n - 1 else row[t]].max() >= best - 1e-5)
-            out.append((logp.item(), greedy))
-        return out
-
-    def loglikelihood(self, context, continuation):
-        """log P(continuation | context) in nats (base ids; see loglikelihoods)."""
-        return self.loglikelihoods(context, [continuation])[0][0]
-
-    def text_ids(self, text, tokenizer):
-        """<|endoftext|> and the base ids of a text, once the tokenizer is checked to be the model's."""
-        c = self.config
-        settings = (tokenizer.vocab_size, tokenizer.max_codebook_size, tokenizer.max_subtokens)
-        if settings != (c.vocab_size, c.max_codebook_size, c.max_subtokens) or \
-                tokenizer.disabled_ids != frozenset(c.disabled_ids):
-            raise ValueError(f"tokenizer (V, C, M) = {settings} and disabled ids do not match the model's "
-                             f"{(c.vocab_size, c.max_codebook_size, c.max_subtokens)}")
-        return [tokenizer.eot] + tokenizer.encode_base(text)
-
-    def score(self, text, tokenizer):
-        """(NLL in nats, UTF-8 bytes) of a text after an <|endoftext|>: the prefix NLL of its canonical
-        codes (DESIGN.md 2.2; multiview.score sums over segmentations). bits per byte = nll / (ln 2
-        * bytes): the same text gives comparable numbers for a plain and a zip2zip model, whatever
-        their codes."""
-        c = self.config
-        codes = lzw_encode(self.text_ids(text, tokenizer), c.vocab_size, c.max_codebook_size, c.max_subtokens,
-                           c.disabled_ids)
-        return self.nll(codes), len(text.encode("utf-8"))   # a literal <|endoftext|> in the text is text: 13 bytes
-
-    @property
-    def device(self):
-        return self.transformer.wte.weight.device
+        last, nll = self.last_code_choices(codes) if prefix else codes[-1:], 0.0
+        for t, logp in enumerate(self.next_logprobs(codes[:-1]), 1):     # logp: code t's log-distribution
+            nll = nll - (logp[codes[t]] if t < len(codes) - 1 else logp[last].logsumexp(0))
+        return nll.item()
 
     # -------------------------------------------------------------------------
     # Generation, one code at a time (fastgen.py: the same, batched and compiled)
@@ -936,61 +813,30 @@ class GPT(nn.Module):
         return torch.tensor(out, dtype=idx.dtype, device=idx.device) if torch.is_tensor(idx) else out
 
 
-def check_targets(logits, targets, hyper, vocab_size):
-    """ValueError naming the first target the model cannot emit at its position: not a valid next
-    code there (DESIGN.md 2), or with canonical=True not canonical (DESIGN.md 2.1)."""
-    W = logits.size(-1)
-    score = logits.gather(-1, targets.clamp(0, W - 1)[..., None])[..., 0]
-    ok = (targets == -1) | ((targets >= 0) & (targets < W) & (score > float("-inf")))
-    if not ok.all():
-        b, t = (~ok).nonzero()[0].tolist()
-        n = hyper.n_installed[b, t].item() if hyper is not None else 0
-        has = hyper is not None and hyper.pending_index[b, t].item() >= 0
-        code = targets[b, t].item()
-        why = "it is not canonical: its first base token extends the encoder's match (DESIGN.md 2.1)" \
-            if 0 <= code < vocab_size + n + has else \
-            f"base ids < {vocab_size}, {n} installed hypertokens{', and the pending id' if has else ''}"
-        raise ValueError(f"target {code} at row {b}, position {t} is not a valid next code there ({why})")
+def context_length(n, block_size):
+    """How many of a row's last codes are in the context once its first n codes are read one at
+    a time: the rule for a full context, written once (the Stepper and fastgen.py follow it). A
+    code that finds the context full keeps the block_size // 2 - 1 codes before it (their keys and
+    values computed again, at positions from 0) and goes on, so past block_size the count cycles
+    from block_size // 2 up to block_size. Example, block_size 16: n = 16 -> 16, 17 -> 8, 25 -> 16."""
+    if n <= block_size:
+        return n
+    keep = block_size // 2
+    return keep + (n - block_size - 1) % (block_size - keep + 1)
 
 
-def prompt_rows(idx, temperature, top_k, max_new_tokens):
-    """The prompts of generate as lists of codes; ValueError for a setting it cannot use."""
-    if not 0 <= temperature < float("inf"):
-        raise ValueError(f"temperature must be >= 0 and finite (0 is greedy), got {temperature}")
-    if top_k is not None and top_k < 1:
-        raise ValueError(f"top_k must be >= 1, or None for every code; got {top_k}")
-    if max_new_tokens < 0:
-        raise ValueError(f"max_new_tokens must be >= 0, got {max_new_tokens}")
-    rows = idx.tolist() if torch.is_tensor(idx) else [as_ids(r, "prompt") for r in idx]
-    if not rows or any(len(r) == 0 for r in rows):
-        raise ValueError("generate needs at least one prompt and no empty prompt "
-                         "(start from <|endoftext|> for an unconditional sample)")
-    return rows
+def cache_dtype(model):
+    """The KV cache's dtype, the one the blocks compute in: autocast's if it is on (bf16 on a
+    GPU), else the weights'."""
+    kind, weights = model.device.type, model.transformer.wte.weight
+    return torch.get_autocast_dtype(kind) if torch.is_autocast_enabled(kind) else weights.dtype
 
 
-def sample(logits, temperature, top_k):
-    """The next code of each row (B,) from its logits (B, W), -1 where a row has no valid code.
-
-    Greedy when temperature is 0 or top_k is 1; else a draw from softmax(logits / temperature)
-    over the top_k codes, as argmax(p / q) with q ~ Exp(1) (the "exponential race": the same
-    distribution as torch.multinomial, with no host sync)."""
-    dead = torch.isneginf(logits).all(-1)
-    if temperature == 0 or top_k == 1:
-        return logits.argmax(-1).masked_fill(dead, -1)
-    # Subtle: the best logit is shifted to 0 before the division, so a tiny temperature sends the
-    # others to -inf (never inf - inf = NaN): the draw tends to greedy. A divisor below float32's
-    # range would round to 0, so it is held at 1e-30, where the draw is already greedy.
-    logits = logits.float()
-    logits, top = (logits - logits.amax(-1, keepdim=True)) / max(temperature, 1e-30), None
-    if top_k is not None:
-        logits, top = torch.topk(logits, min(top_k, logits.size(-1)))     # (B, k) and their codes
-    probs = F.softmax(logits, dim=-1)
-    # only codes of positive probability race: a masked code (p = 0) drawn with q = 0 would
-    # score 0 / 0 = NaN, which argmax takes for the largest
-    race = probs / torch.empty_like(probs).exponential_(1)
-    nxt = torch.where(probs > 0, race, -1.0).argmax(-1)
-    nxt = nxt if top is None else top.gather(-1, nxt[:, None])[:, 0]
-    return nxt.masked_fill(dead, -1)
+def embed_contents(model, contents):
+    """Input and output hyper-embeddings (N, d) of a list of contents (tuples of base ids)."""
+    M, device = model.config.max_subtokens, model.device
+    padded = torch.tensor(pad_contents(contents, M), device=device)                         # (N, M)
+    return model.hyper_tables(padded, torch.tensor([len(e) for e in contents], device=device))
 
 
 class Stepper:
@@ -999,34 +845,30 @@ class Stepper:
 
     It keeps the row's LZW decoder (DESIGN.md 1.1), whose codebook grows as it reads, the
     hyper-embeddings of the entries (encoded once, when installed) and every layer's keys and
-    values. A full context keeps its last block_size // 2 codes (their keys and values computed
-    again, at positions from 0) and goes on: the codebook lives on.
+    values. A full context is cropped as context_length says and goes on: the codebook lives on.
     """
 
     def __init__(self, model):
         c, w = model.config, model.transformer.wte.weight
-        self.model, self.lzw, self.context = model, model.codec(), []    # context: the codes in the cache
+        self.model, self.lzw, self.n_read, self.context = model, model.codec(), 0, []   # context: codes in the cache
         self.table_in = self.table_out = w.new_zeros(0, c.n_embd)       # (n, d): entry j's hyper-embeddings
-        # the cache in the compute dtype: autocast's if it is on (bf16 on a GPU), else the weights'
-        dtype = torch.get_autocast_dtype(w.device.type) if torch.is_autocast_enabled(w.device.type) else w.dtype
-        shape = (c.n_layer, 1, c.n_head, c.block_size, c.n_embd // c.n_head)   # (layer, 1, nh, block, hs)
-        self.k, self.v = w.new_zeros(shape, dtype=dtype), w.new_zeros(shape, dtype=dtype)
-
-    def encode(self, contents):
-        """Input and output hyper-embeddings (N, d) of a list of contents (tuples of base ids)."""
-        M, device = self.model.config.max_subtokens, self.model.device
-        padded = torch.tensor([e + (0,) * (M - len(e)) for e in contents], device=device)     # (N, M)
-        return self.model.hyper_tables(padded, torch.tensor([len(e) for e in contents], device=device))
+        self.nodes = torch.zeros(0, 3, dtype=torch.long, device=w.device)   # (n, 3): entry j as a trie node
+        shape, dtype = (c.n_layer, 1, c.n_head, c.block_size, c.n_embd // c.n_head), cache_dtype(model)
+        self.k, self.v = w.new_zeros(shape, dtype=dtype), w.new_zeros(shape, dtype=dtype)   # (layer, 1, nh, block, hs)
 
     @torch.no_grad()
     def read(self, code):
         c, n = self.model.config, self.lzw.n_entries
-        self.lzw.push(code, len(self.context))    # decode it (ValueError if it is no valid code here)
+        self.lzw.push(code, self.n_read)          # decode it (ValueError if it is no valid code here)
         if self.lzw.n_entries > n:                # the entries it installed: encode them once
-            h_in, h_out = self.encode(self.lzw.entries[n:])
+            h_in, h_out = embed_contents(self.model, self.lzw.entries[n:])
             self.table_in, self.table_out = torch.cat([self.table_in, h_in]), torch.cat([self.table_out, h_out])
-        if len(self.context) == c.block_size:     # full: keep the last block_size // 2, this code included
-            kept, self.context = self.context[len(self.context) - (c.block_size // 2 - 1):], []
+            new = torch.tensor(self.lzw.nodes(range(n, self.lzw.n_entries)), device=self.nodes.device)
+            self.nodes = torch.cat([self.nodes, new])
+        self.n_read += 1
+        keep = context_length(self.n_read, c.block_size) - 1   # the codes before this one that stay
+        if keep < len(self.context):              # full: crop, and compute the kept codes again
+            kept, self.context = self.context[len(self.context) - keep:], []
             for old in kept:
                 self.attend(old)
         return self.next_logits(self.attend(code))
@@ -1052,11 +894,11 @@ class Stepper:
             return base
         pending, n = lzw.pending(), lzw.n_entries
         # the pending id scores with its content's vector: hyper column n (zeros when there is none)
-        pending_vec = self.encode([pending])[1] if pending else x.new_zeros(1, c.n_embd)
+        pending_vec = embed_contents(m, [pending])[1] if pending else x.new_zeros(1, c.n_embd)
         hyper_logits = torch.cat([self.table_out, pending_vec.to(self.table_out.dtype)]) @ x   # (n + 1,)
         invalid = torch.arange(n + 1, device=x.device) >= n + (pending is not None)
         canon = None
-        if c.canonical:   # the trie: each entry's parent, first and last base id; the pending id is no child
-            trie = [(p, e[0], e[-1]) for p, e in zip(lzw.parents, lzw.entries)] + [(-2, (pending or (0,))[0], 0)]
-            canon = Canon(torch.tensor(lzw.code, device=x.device), *torch.tensor(trie, device=x.device).T)
+        if c.canonical:
+            t = lambda v: torch.tensor(v, device=x.device)
+            canon = canon_facts(t(lzw.buf), t(n), self.nodes, t((pending or (0,))[0]))
         return vocabulary_logits_(base, hyper_logits, invalid, canon)

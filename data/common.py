@@ -61,10 +61,34 @@ def split_keys(keys, val_fraction=0.1):
 # -----------------------------------------------------------------------------
 # tokens and bytes
 
+RANKS = os.path.join(os.path.dirname(os.path.abspath(__file__)), "r50k_base.tiktoken")
+RANKS_SHA256 = "306cd27f03c1a714eca7108e03d66b7dc042abe8c258b44c199a7ed9838dd930"
+
+
 def gpt2_bpe(path=None):
-    """GPT-2's BPE from the ranks shipped in data/ (zip2zip.gpt2_bpe: the tokenizer's own loader)."""
-    from zip2zip import gpt2_bpe as load
-    return load(path)
+    """GPT-2's BPE as a tiktoken Encoding (r50k_base), built from the ranks file shipped in this
+    repository (OpenAI's, MIT licensed: data/r50k_base.LICENSE), so that nothing is ever
+    downloaded. Same ids as tiktoken.get_encoding("r50k_base"). OSError with the path if the file
+    is missing or damaged."""
+    import base64
+
+    import tiktoken
+    from tiktoken_ext import openai_public
+    path = path or RANKS
+    try:
+        with open(path, "rb") as f:
+            data = f.read()
+    except OSError as e:
+        raise OSError(f"GPT-2's BPE ranks (r50k_base) are missing: {e}; they ship with the repository "
+                      f"as data/r50k_base.tiktoken (restore it with git checkout)") from None
+    if hashlib.sha256(data).hexdigest() != RANKS_SHA256:
+        raise OSError(f"{path} is damaged (its sha256 is not r50k_base's): restore it with git checkout")
+    ranks = {base64.b64decode(tok): int(rank) for tok, rank in (line.split() for line in data.splitlines() if line)}
+    # the split pattern as tiktoken writes it (older versions inline it in their gpt2 definition)
+    pattern = getattr(openai_public, "r50k_pat_str",
+                      r"""'(?:[sdmt]|ll|ve|re)| ?\p{L}+| ?\p{N}+| ?[^\s\p{L}\p{N}]+|\s+(?!\S)|\s+""")
+    return tiktoken.Encoding("r50k_base", pat_str=pattern, mergeable_ranks=ranks,
+                             special_tokens={"<|endoftext|>": 50256}, explicit_n_vocab=50257)
 
 
 def get_encoding():

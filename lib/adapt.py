@@ -8,13 +8,13 @@ folded in, so any script loads them as a plain zip2zip model; resuming unfolds t
 """
 
 import math
-from dataclasses import asdict
+from dataclasses import replace
 
 import torch
 import torch.nn as nn
 
 from lib import cli
-from zip2zip import GPT, GPTConfig
+from zip2zip import GPT
 
 HYPER_PARTS = ("hyper_in.", "hyper_out.", "recon")   # what a plain GPT does not have
 CONV1D = ("attn.c_attn.weight", "attn.c_proj.weight", "mlp.c_fc.weight", "mlp.c_proj.weight")
@@ -68,8 +68,8 @@ def load_base_weights(model, state):
 
 
 def adapted_model(cfg, mconf):
-    """A zip2zip model (on the CPU) holding the weights of cfg.init_from: a GPT-2 size or a folder
-    with a ckpt.pt. It takes the source's architecture (cfg is updated); the hyper-encoder is new."""
+    """(a zip2zip model on the CPU holding the weights of cfg.init_from, a GPT-2 size or a folder
+    with a ckpt.pt; cfg with the source's architecture, a copy). The hyper-encoder is new."""
     if cfg.init_from in GPT2_SIZES:
         try:
             from transformers import GPT2LMHeadModel
@@ -89,12 +89,10 @@ def adapted_model(cfg, mconf):
     for k, v in arch.items():
         if getattr(cfg, k) != v:
             print(f"{cfg.init_from} sets {k} = {v!r}")
-        setattr(cfg, k, v)
-    # a fresh GPTConfig, so that what it derives from n_embd (the hyper-encoder's width) follows
-    model = GPT(GPTConfig(**{**asdict(mconf), **arch, "hyper_n_embd": cfg.hyper_n_embd}))
+    model = GPT(replace(mconf, **arch))   # (a hyper_n_embd of 0 derives the width from the source's n_embd)
     new = load_base_weights(model, state)
     print(f"loaded every base weight from {cfg.init_from}; new: {', '.join(sorted({k.split('.')[0] for k in new})) or 'nothing'}")
-    return model
+    return model, replace(cfg, **arch)
 
 # -----------------------------------------------------------------------------
 # LoRA

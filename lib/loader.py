@@ -21,7 +21,8 @@ import time
 import numpy as np
 import torch
 
-from zip2zip import LZW, HyperBatch, base_ids, hyper_batch, lzw_encode
+from lib.checks import base_ids
+from zip2zip import LZW, HyperBatch, hyper_batch, lzw_encode
 
 EOT = 50256  # <|endoftext|>: a wall between documents, never merged, 0 bytes of text
 HYPER_FIELDS = tuple(f.name for f in dataclasses.fields(HyperBatch))

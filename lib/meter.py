@@ -21,7 +21,7 @@ def flops_per_batch(model, B, T, hyper):
     Frozen weights (LoRA) are counted as trained, as nanoGPT does. Tested against torch's FLOP
     counter, for every hyper-encoder."""
     c, d, M = model.config, model.config.n_embd, model.config.max_subtokens
-    K = hyper.entries.size(1) if hyper is not None else 0
+    K = hyper.entry_index.size(1) if hyper is not None else 0
     trunk = sum(p.numel() for p in model.transformer.h.parameters()) + c.vocab_size * d
     flops = (6 * trunk + 12 * c.n_layer * d * T + 6 * d * K) * B * T
     if hyper is not None:
@@ -29,7 +29,7 @@ def flops_per_batch(model, B, T, hyper):
         # a transformer's layers run on each of the M slots; the MLP and the output projection once
         weights = sum(p.numel() * (0 if n == "slot_pos" else 1 if n.startswith(("proj.", "mlp.")) else M)
                       for e in encoders for n, p in e.named_parameters())
-        attention = sum(e.kind == "transformer" for e in encoders) * 12 * c.hyper_n_layer * c.hyper_n_embd * M * M
+        attention = sum(e.kind == "transformer" for e in encoders) * 12 * c.hyper_n_layer * c.hyper_width * M * M
         mean = len(encoders) * 4 * M * d      # the mean of the base embeddings, and its gradient
         flops += U * (6 * weights + attention + mean)
         if c.recon_lambda > 0:

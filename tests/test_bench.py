@@ -1,5 +1,5 @@
-"""bench.py: its naive LZW is the spec, its timing helpers pair rounds, and the quick run fills
-every figure of its JSON."""
+"""bench.py: its timing helpers pair rounds, and the quick run fills every figure of its JSON. (Its
+naive LZW, tests/naive_lzw.py, is checked in tests/test_lzw.py.)"""
 import json
 import math
 import os
@@ -15,34 +15,6 @@ import bench
 from zip2zip import lzw_decode, lzw_encode
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-
-
-WORKED = [  # DESIGN.md section 1 (V=100, M=4)
-    ([1, 2, 3, 1, 2, 3, 1, 2, 3, 4, 1, 2, 3, 4, 5, 1, 2], 64, (), [1, 2, 3, 100, 102, 101, 4, 103, 4, 5, 100]),
-    ([7, 7, 7, 7, 7, 7, 7, 7], 64, (), [7, 100, 101, 100]),
-    ([1, 2, 9, 1, 2, 1, 2, 9, 1, 2], 64, (9,), [1, 2, 9, 100, 100, 9, 100]),
-    ([1, 2, 3, 1, 2, 3, 1, 2, 3], 2, (), [1, 2, 3, 100, 3, 100, 3]),
-]
-
-
-@pytest.mark.parametrize("ids,C,D,codes", WORKED)
-def test_naive_lzw_worked_examples(ids, C, D, codes):
-    assert bench.naive_encode(ids, 100, C, 4, D) == codes
-    assert bench.naive_decode(codes, 100, C, 4, D) == ids
-
-
-def test_naive_lzw_equals_ours():
-    rng = random.Random(0)
-    for trial in range(200):
-        V, C, M = rng.choice([3, 10, 100]), rng.choice([0, 1, 5, 64]), rng.randint(1, 5)
-        D = (0,) if trial % 3 == 0 else ()
-        ids = [rng.randrange(V) for _ in range(rng.randint(0, 80))]
-        codes = lzw_encode(ids, V, C, M, D)
-        assert bench.naive_encode(ids, V, C, M, D) == codes
-        assert bench.naive_decode(codes, V, C, M, D) == ids
-        assert bench.naive_decode(ids, V, C, M, D) == lzw_decode(ids, V, C, M, D) == ids  # not canonical
-    with pytest.raises(ValueError):
-        bench.naive_decode([1, 102], 100, 64, 4)            # 100 is the only possible new id
 
 
 def test_alternate_pairs_rounds():
@@ -117,10 +89,10 @@ def test_kernels_on_cuda():
 
 
 def test_reproduce_small(tmp_path, capsys):
-    # reproduce.py on a slice of the data, with a tiny plain and zip2zip checkpoint (untrained)
+    # evals/reproduce.py on a slice of the data, with a tiny plain and zip2zip checkpoint (untrained)
     import dataclasses
 
-    import reproduce
+    from evals import reproduce
     from zip2zip import GPT, GPTConfig
     for M in (1, 4):
         cfg = GPTConfig(n_layer=1, n_head=2, n_embd=32, block_size=32, max_subtokens=M)
@@ -139,7 +111,7 @@ def test_reproduce_small(tmp_path, capsys):
 
 
 def test_reproduce_bad_options():
-    import reproduce
+    from evals import reproduce
     for argv, message in ((["--codebook_sizes=64,x"], "--codebook_sizes=64,x: expected sizes like 64,256,1024"),
                           (["--windows=0"], "--windows=0: expected window lengths"),
                           (["--eval_windows=0"], "--eval_windows=0: expected 1 or more"), (["--bogus=1"], "unknown key")):
@@ -151,7 +123,7 @@ def test_reproduce_bad_options():
 def test_reproduce_training_sets_quick(tmp_path, capsys):
     # the exact-likelihood and ablation sets on tiny models (2 steps a run): every table is filled,
     # the curves are written, and a second call reuses the finished runs instead of training again
-    import reproduce
+    from evals import reproduce
     runs = str(tmp_path / "runs")
     out = reproduce.main(["--likelihood", "--ablations", "--quick", f"--runs={runs}"])
     text = capsys.readouterr().out

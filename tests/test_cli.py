@@ -11,13 +11,13 @@ import pytest
 import torch
 
 import bench
-from lib import cli
-import efficiency
-import reproduce
+import data.common
 import sample
 import zip2zip
 from data.prose import prepare as prose_prepare
 from data.pycode import prepare as pycode_prepare
+from evals import efficiency, reproduce
+from lib import cli
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -73,8 +73,9 @@ def test_help_of_train_as_a_command():
         assert line in r.stdout
     if not torch.cuda.is_available():
         line = next(line for line in r.stdout.splitlines() if "--gradient_accumulation_steps=" in line)
-        assert line.split() == ["--gradient_accumulation_steps=1", "config/cpu.py;", "default", "2:", "micro-batches",
-                                "per", "step,", "over", "all", "DDP", "ranks", "together:", "32", "x", "1024", "codes"]
+        assert line.split()[:16] == ["--gradient_accumulation_steps=1", "config/cpu.py;", "default", "2:",
+                                     "micro-batches", "per", "step,", "over", "all", "DDP", "ranks", "together:", "32",
+                                     "x", "1024", "codes;"]
         line = next(line for line in r.stdout.splitlines() if "--batch_size=" in line)
         assert "--batch_size=4" in line and "config/cpu.py: small batches" in line and "default 16: rows" in line
 
@@ -111,7 +112,7 @@ def test_a_misspelt_setting_names_the_closest_one(tmp_path):
 
 
 def test_readers_of_a_checkpoint_look_where_train_writes_by_default():
-    import harness   # (imports without lm-eval too)
+    from evals import harness   # (imports without lm-eval too)
     import train
     assert cli.train_out_dir() == train.read_config([], torch.cuda.is_available(), 1).out_dir
     assert sample.SampleConfig().out_dir == harness.HarnessConfig().out_dir == cli.train_out_dir()
@@ -122,6 +123,15 @@ def test_no_test_reaches_the_network():
     import socket
     with pytest.raises(socket.gaierror, match="the tests run offline"):
         socket.create_connection(("example.com", 443), timeout=1)
+
+
+@pytest.mark.parametrize("module", ["evals.efficiency", "evals.reproduce", "evals.harness"])
+def test_evals_scripts_run_as_modules_from_the_root(module):
+    # the README's commands for the scripts in evals/: `python -m evals.<name>` from the repository
+    r = subprocess.run([sys.executable, "-m", module, "--help"], capture_output=True, text=True, cwd=REPO,
+                       env={**os.environ, "OMP_NUM_THREADS": "1"})
+    assert r.returncode == 0 and r.stderr == "", r.stderr
+    assert f"python -m {module} " in r.stdout
 
 
 # -----------------------------------------------------------------------------
@@ -166,7 +176,7 @@ def test_autocast_resolves_the_dtype_once_for_every_script():
 
 @pytest.fixture
 def no_ranks(tmp_path, monkeypatch):
-    monkeypatch.setattr(zip2zip, "RANKS", str(tmp_path / "missing" / "r50k_base.tiktoken"))
+    monkeypatch.setattr(data.common, "RANKS", str(tmp_path / "missing" / "r50k_base.tiktoken"))
 
 
 def tiny_checkpoint(path):
@@ -355,3 +365,21 @@ def test_a_checkpoint_from_before_the_canonical_setting_loads_unmasked(tmp_path)
     assert model.config.canonical is False and model.config.hyper_encoder == "transformer"
     torch.save({"model": GPT(cfg).state_dict(), "model_args": dataclasses.asdict(cfg)}, tmp_path / "new.pt")
     assert cli.load_checkpoint(str(tmp_path / "new.pt"))[0].config.canonical is True
+
+
+@pytest.mark.parametrize("bias,n_tensors", [(True, 56), (False, 31)])
+def test_a_checkpoint_from_before_torchs_layernorm_and_the_derived_width_loads(tmp_path, bias, n_tensors):
+    # Earlier versions had a LayerNorm of their own and wrote the derived hyper_n_embd (here 4)
+    # into the config they saved. Such a checkpoint's parameter names and shapes (56 tensors with
+    # biases and 31 without, counted on that code) and its model_args load the same model as one
+    # saved now (hyper_n_embd=0)
+    from zip2zip import GPT, GPTConfig
+    cfg = GPTConfig(block_size=8, vocab_size=24, n_layer=1, n_head=2, n_embd=16, max_subtokens=3,
+                    max_codebook_size=8, disabled_ids=(), tie_weights=False, bias=bias, hyper_n_head=2)
+    state = GPT(cfg).state_dict()
+    assert len(state) == n_tensors and ("transformer.h.0.ln_1.bias" in state) == bias
+    assert state["transformer.ln_f.weight"].shape == (16,) and state["hyper_in.c_in.weight"].shape == (4, 16)
+    for saved in (4, 0):
+        torch.save({"model": state, "model_args": {**dataclasses.asdict(cfg), "hyper_n_embd": saved}}, tmp_path / "c.pt")
+        model, _ = cli.load_checkpoint(str(tmp_path / "c.pt"))
+        assert model.config.hyper_width == 4 and all(torch.equal(model.state_dict()[k], v) for k, v in state.items())

@@ -9,7 +9,7 @@ import pytest
 import torch
 
 import fastgen
-import multiview
+from evals import multiview
 import train
 import zip2zip as z
 from cuda_autocast import cuda_autocast
@@ -88,7 +88,7 @@ def test_train_py_in_bf16(tmp_path):
 
 def test_the_harness_in_bf16(tmp_path):
     pytest.importorskip("lm_eval")
-    import harness
+    from evals import harness
     from lm_eval.api.instance import Instance
     from test_harness import save
     lm = harness.Zip2Zip(save(tmp_path / "ckpt.pt"), device="cpu", batch_size=2, dtype="bfloat16")

@@ -50,9 +50,15 @@ def test_greedy_text_is_the_same_on_both_paths():
     assert torch.is_tensor(out) and out.tolist() == model.generate([prompts[1]] * 2, 5, temperature=0)
 
 
-def test_context_length_follows_the_simple_loops_crops():
+def test_the_context_is_cropped_by_one_rule():
+    # zip2zip.context_length is the rule both paths follow (the worked example of its docstring):
+    # a code that finds the context full keeps block_size // 2 codes, itself included
+    assert [z.context_length(n, 16) for n in (1, 16, 17, 24, 25, 26)] == [1, 16, 8, 15, 16, 8]
     model = tiny(block_size=6)
-    stepper, codes = z.Stepper(model), codes_of(3, model, 40)
+    codes = codes_of(3, model, 40)
+    stepper, fast = z.Stepper(model), fastgen.StaticStepper(model, [codes[:1]])
     for n, code in enumerate(codes, 1):
         stepper.read(code)
-        assert len(stepper.context) == fastgen.context_length(n, 6), n
+        if n > 1:                        # the fast path has read its prompt, the first code
+            fast.advance([code])
+        assert stepper.context == codes[n - z.context_length(n, 6):n] and fast.filled == [len(stepper.context)], n

@@ -1,5 +1,5 @@
-"""harness.py: the lm-eval model `zip2zip` on a tiny checkpoint, offline. Its requests equal
-GPT.loglikelihoods on lm-eval's context/continuation split, rolling scores equal the prefix NLL,
+"""evals/harness.py: the lm-eval model `zip2zip` on a tiny checkpoint, offline. Its requests equal
+likelihood.loglikelihoods on lm-eval's context/continuation split, rolling scores equal the prefix NLL,
 generation stops where it should and is greedy decoding conditioned on the context, and a tiny
 task runs end to end through lm_eval.simple_evaluate. Skipped where lm-eval is not installed."""
 import dataclasses
@@ -15,8 +15,8 @@ import torch
 pytest.importorskip("lm_eval")
 os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
 
-import harness  # noqa: E402
 import train  # noqa: E402
+from evals import harness, likelihood  # noqa: E402
 from lm_eval.api.instance import Instance  # noqa: E402
 from zip2zip import GPT, GPTConfig, lzw_decode, lzw_encode  # noqa: E402
 
@@ -60,15 +60,15 @@ def test_loglikelihood_requests_equal_the_model_and_share_a_context(lm, monkeypa
     pairs = [("def f(x):\n    return", " x"), ("def f(x):\n    return", " x + 1"), ("def f(x):\n    return", " None"),
              ("def f(x):\n    return", " f(x)"), ("x = 1\ny =", " 2")]
     calls = []
-    real = lm.model.loglikelihoods
-    monkeypatch.setattr(lm.model, "loglikelihoods", lambda *a: calls.append(a) or real(*a))
+    real = likelihood.loglikelihoods
+    monkeypatch.setattr(likelihood, "loglikelihoods", lambda *a: calls.append(a) or real(*a))
     got = lm.loglikelihood([req("loglikelihood", *p) for p in pairs])
     # one call per context and per batch of 3 continuations: (4 choices -> 3 + 1) + 1
-    assert [len(c[1]) for c in calls] == [3, 1, 1]
+    assert [len(c[2]) for c in calls] == [3, 1, 1]
     for (ctx, cont), (ll, greedy) in zip(pairs, got):
         ids, cont_ids = lm.split(ctx, cont)
-        assert ll == pytest.approx(lm.model.loglikelihood(ids, cont_ids), abs=1e-5) and ll < 0
-        assert greedy == lm.model.loglikelihoods(ids, [cont_ids])[0][1]
+        assert ll == pytest.approx(likelihood.loglikelihood(lm.model, ids, cont_ids), abs=1e-5) and ll < 0
+        assert greedy == likelihood.loglikelihoods(lm.model, ids, [cont_ids])[0][1]
 
 
 def test_rolling_is_the_prefix_nll_of_the_whole_document(lm):
@@ -158,7 +158,7 @@ def test_a_tiny_task_runs_through_simple_evaluate(lm, tmp_path):
         doc = s["doc"]
         args = [tuple(a) for a in s["arguments"]]
         assert args == [(doc["query"], " " + ch) for ch in doc["choices"]]   # lm-eval's target delimiter
-        lls = [lm.model.loglikelihood(*lm.split(*a)) for a in args]
+        lls = [likelihood.loglikelihood(lm.model, *lm.split(*a)) for a in args]
         assert [r[0][0] for r in s["resps"]] == pytest.approx(lls, abs=1e-5)
         assert s["acc"] == float(int(np.argmax(lls)) == doc["label"])
     assert out["results"]["tiny_mc"]["acc,none"] == np.mean([s["acc"] for s in samples])

@@ -9,9 +9,9 @@ import torch
 import torch.nn.functional as F
 
 import fastgen
-import multiview
 import zip2zip as z
 from brute import code_streams, stream_logp
+from evals import likelihood, multiview
 
 V, C, M, D = 5, 16, 3, 4          # base ids 0..3 and one disabled id (a canonical model has no dead end)
 KINDS = ["transformer", "mlp", "mean"]
@@ -81,7 +81,7 @@ def test_a_path_to_a_dead_end_has_probability_zero():
         for beam in (1, 4, EVERY_PATH):
             assert multiview.marginal_nll(model, ids, beam) == pytest.approx(nll, abs=1e-4), (ids, beam)
         assert multiview.loglikelihood(model, ids[:2], ids[2:], 4) == pytest.approx(
-            model.loglikelihood(ids[:2], ids[2:]), abs=1e-4)
+            likelihood.loglikelihood(model, ids[:2], ids[2:]), abs=1e-4)
 
 
 def test_continuations_may_come_from_a_generator():
@@ -110,10 +110,10 @@ def test_plain_model_loglikelihood_is_the_sum_of_token_logprobs():
     with torch.no_grad():
         logp = F.log_softmax(model(torch.tensor([ctx + cont[:-1]]))[0][0], -1)
     expected = sum(logp[len(ctx) - 1 + i, t].item() for i, t in enumerate(cont))
-    assert model.loglikelihood(ctx, cont) == pytest.approx(expected, abs=1e-5)
+    assert likelihood.loglikelihood(model, ctx, cont) == pytest.approx(expected, abs=1e-5)
     assert multiview.loglikelihood(model, ctx, cont, beam_size=3) == pytest.approx(expected, abs=1e-5)
     greedy = [logp[len(ctx) - 1 + i].argmax().item() for i in range(3)]
-    assert [g for _, g in model.loglikelihoods(ctx, [greedy[:1], cont])] == [True, greedy == cont]
+    assert [g for _, g in likelihood.loglikelihoods(model, ctx, [greedy[:1], cont])] == [True, greedy == cont]
 
 
 @pytest.mark.parametrize("kind", KINDS)
@@ -136,13 +136,13 @@ def test_a_teacher_forced_batch_equals_each_row_alone(kind):
 def test_continuations_of_one_context_are_scored_as_one_by_one():
     model = model_of(True, "mlp")
     ctx, conts = [D, 0, 1, 0, 1], [[0], [1, 0, 1, 0, 1, 0], [3, D, 2], [2, 2, 2, 2]]
-    together = model.loglikelihoods(ctx, conts)
-    assert together == [model.loglikelihoods(ctx, [x])[0] for x in conts]
-    assert [ll for ll, _ in together] == pytest.approx([model.loglikelihood(ctx, x) for x in conts])
+    together = likelihood.loglikelihoods(model, ctx, conts)
+    assert together == [likelihood.loglikelihoods(model, ctx, [x])[0] for x in conts]
+    assert [ll for ll, _ in together] == pytest.approx([likelihood.loglikelihood(model, ctx, x) for x in conts])
     with pytest.raises(ValueError, match="non-empty continuations"):
-        model.loglikelihoods(ctx, [[0], []])
+        likelihood.loglikelihoods(model, ctx, [[0], []])
     with pytest.raises(ValueError, match="base id 7"):
-        model.loglikelihoods(ctx, [[7]])
+        likelihood.loglikelihoods(model, ctx, [[7]])
 
 
 def test_a_long_context_is_read_one_code_at_a_time():
@@ -156,7 +156,8 @@ def test_a_long_context_is_read_one_code_at_a_time():
     conts = [[0], [0, 1, 2, 3, 3, 2, 1, 0] * 6, [2, 2]]
     lengths = [len(z.lzw_encode(ctx + x, V, C, M, (D,))) for x in conts]
     assert min(lengths) <= 33 < max(lengths)
-    assert model.loglikelihoods(ctx, conts) == [model.loglikelihoods(ctx, [x])[0] for x in conts]
+    together = likelihood.loglikelihoods(model, ctx, conts)
+    assert together == [likelihood.loglikelihoods(model, ctx, [x])[0] for x in conts]
 
 
 def greedy_reference(model, ctx, steps):
@@ -182,4 +183,4 @@ def test_is_greedy_is_greedy_decoding_from_the_context(kind):
         for j in range(1, 6):
             cont = written[:j]
             wrong = cont[:-1] + [(cont[-1] + 1) % V]
-            assert [g for _, g in model.loglikelihoods(ctx, [cont, wrong])] == [True, False], (ctx, cont)
+            assert [g for _, g in likelihood.loglikelihoods(model, ctx, [cont, wrong])] == [True, False], (ctx, cont)

@@ -1,35 +1,25 @@
-"""The LZW codec: worked examples, a naive reference, round-trips and fault tolerance."""
+"""The LZW codec: worked examples, the naive reference (tests/naive_lzw.py, quoted in DESIGN.md 1),
+round-trips and fault tolerance."""
+import inspect
+import os
 import random
+import re
+import textwrap
 
 import pytest
 
 from lib.loader import lzw_encode_window
+from naive_lzw import NaiveLZW, naive_lzw_decode, naive_lzw_encode
 from zip2zip import LZW, lzw_decode, lzw_encode
 
 
 def naive_encode(ids, V, C, M, D=()):
-    """DESIGN.md section 1, line by line, with tuples as keys: slow and obviously right."""
-    codebook, out, buf = {}, [], ()
-    code = lambda b: b[0] if len(b) == 1 else codebook[b]
+    """The naive encoder's codes and codebook {id: content}."""
+    lzw, out = NaiveLZW(V, C, M, D), []
     for t in ids:
-        if t in D:
-            if buf:
-                out.append(code(buf))
-            out.append(t)
-            buf = ()
-        elif len(buf) == 0 or buf + (t,) in codebook:
-            buf = buf + (t,)
-        else:
-            if len(codebook) < C:
-                codebook[buf + (t,)] = V + len(codebook)
-            out.append(code(buf))
-            buf = (t,)
-        if len(buf) == M:
-            out.append(code(buf))
-            buf = ()
-    if buf:
-        out.append(code(buf))
-    return out, {v: k for k, v in codebook.items()}
+        lzw.step(t, out)
+    out += [lzw.code(lzw.buf)] if lzw.buf else []
+    return out, {v: k for k, v in lzw.codebook.items()}
 
 
 def codebook_of(lzw):
@@ -55,8 +45,16 @@ WORKED = [
 
 @pytest.mark.parametrize("ids,C,D,codes", WORKED)
 def test_worked_examples(ids, C, D, codes):
-    assert lzw_encode(ids, 100, C, 4, D) == codes
-    assert lzw_decode(codes, 100, C, 4, D) == ids
+    assert lzw_encode(ids, 100, C, 4, D) == naive_lzw_encode(ids, 100, C, 4, D) == codes
+    assert lzw_decode(codes, 100, C, 4, D) == naive_lzw_decode(codes, 100, C, 4, D) == ids
+
+
+def test_design_md_quotes_the_naive_reference():
+    # DESIGN.md 1 and 1.1 show the plain codec as Python: it is tests/naive_lzw.py, word for word
+    with open(os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "DESIGN.md")) as f:
+        quoted = re.findall(r"```python\n(.*?)```", f.read(), re.S)
+    for method in (NaiveLZW.step, NaiveLZW.resolve):
+        assert textwrap.dedent(inspect.getsource(method)) in quoted, method.__name__
 
 
 def test_worked_codebook():
@@ -102,7 +100,11 @@ def test_matches_naive_reference(seed):
         codes, lzw = encoded_state(ids, V, C, M, D)
         assert codes == expected, (ids, V, C, M, D)
         assert codebook_of(lzw) == expected_book
-        assert lzw_decode(codes, V, C, M, D) == ids
+        assert lzw_decode(codes, V, C, M, D) == naive_lzw_decode(codes, V, C, M, D) == ids
+        # a stream that is not canonical (every hypertoken spelled out) decodes the same way too
+        assert naive_lzw_decode(ids, V, C, M, D) == lzw_decode(ids, V, C, M, D) == ids
+    with pytest.raises(ValueError):
+        naive_lzw_decode([1, 102], 100, 64, 4)            # 100 is the only possible new id
 
 
 def test_codebook_full_and_kwkwk_runs_happen():
@@ -228,12 +230,13 @@ def test_integer_arrays_are_checked_without_a_walk(monkeypatch, tmp_path):
     # the training loader encodes windows of a uint16 memmap: their dtype says they are integers,
     # and numpy checks their range, so the per-element type walk (as_ids) is not needed
     import numpy as np
-    import zip2zip
+
+    from lib import checks
     ids = [1, 2, 1, 2, 1, 9, 3, 3, 3]
     np.array(ids, dtype=np.uint16).tofile(tmp_path / "ids.bin")
     data = np.memmap(tmp_path / "ids.bin", dtype=np.uint16, mode="r")
     expected = lzw_encode(ids, 10, 64, 4, (9,))
-    monkeypatch.setattr(zip2zip, "as_ids", lambda *a: pytest.fail("an integer array was walked"))
+    monkeypatch.setattr(checks, "as_ids", lambda *a: pytest.fail("an integer array was walked"))
     assert lzw_encode(data, 10, 64, 4, (9,)) == lzw_encode(np.array(ids), 10, 64, 4, (9,)) == expected
     assert lzw_encode_window(data, 0, 100, 10, 64, 4, (9,)) == (expected, len(ids))
     assert all(type(c) is int for c in lzw_encode(data, 10, 64, 4, (9,)))     # Python ints come out

@@ -1,6 +1,7 @@
 """The model: exact causal (and canonical) vocabulary, train/generate consistency, no leaks,
 the hyper-encoders against an unpadded reference, the plain case, and what a batch without
 hypertokens does."""
+import dataclasses
 import functools
 import random
 
@@ -9,9 +10,9 @@ import torch
 import torch.nn.functional as F
 
 import fastgen
-import multiview
 import zip2zip as z
 from brute import code_streams, stream_logp
+from evals import likelihood, multiview
 
 V, C, M, EOT = 24, 12, 4, 23
 KINDS = ["transformer", "mlp", "mean"]
@@ -61,7 +62,7 @@ def test_hyper_batch_matches_the_decoder():
         lzw = z.LZW(V, C, M, (EOT,))
         for t, code in enumerate(row):
             lzw.push(code)
-            assert hb.n_installed[b, t] == len(lzw.entries) and hb.match[b, t] == lzw.code
+            assert hb.n_installed[b, t] == len(lzw.entries) and hb.match[b, t] == lzw.buf
             p = lzw.pending()
             if p is None:
                 assert hb.pending_index[b, t] == -1
@@ -69,11 +70,11 @@ def test_hyper_batch_matches_the_decoder():
                 i = hb.pending_index[b, t]
                 assert tuple(hb.contents[i, :hb.lengths[i]].tolist()) == p
         for j, e in enumerate(lzw.entries):
-            i = hb.entries[b, j]
+            i = hb.entry_index[b, j]
             assert tuple(hb.contents[i, :hb.lengths[i]].tolist()) == e
-            parent = hb.parents[b, j].item()                    # the trie: e = content(parent) + (last,)
-            assert (parent,) if parent < V else lzw.entries[parent - V] == e[:-1]
-        assert (hb.parents[b, len(lzw.entries):] == -2).all()   # pads are nobody's children
+            parent, first, last = hb.nodes[b, j].tolist()       # the trie: e = content(parent) + (last,)
+            assert ((parent,) if parent < V else lzw.entries[parent - V]) == e[:-1] and (first, last) == (e[0], e[-1])
+        assert (hb.nodes[b, len(lzw.entries):, 0] == z.NO_PARENT).all()   # pads are nobody's children
 
 
 def test_the_corner_cases_are_in_the_data():
@@ -87,7 +88,7 @@ def test_the_corner_cases_are_in_the_data():
             kinds |= {"kwkwk"} if code == V + n else {"hyper"} if code >= V else {"wall"} if code == EOT else set()
             lzw.push(code)
             kinds |= {"full"} if len(lzw.entries) == C else set()
-            kinds |= {"children"} if lzw.code in lzw.parents else set()   # something to mask (2.1)
+            kinds |= {"children"} if lzw.buf in lzw.parents else set()   # something to mask (2.1)
     assert kinds == {"kwkwk", "hyper", "wall", "full", "children"}
 
 
@@ -119,20 +120,23 @@ def test_teacher_forcing_equals_kv_cached_steps(tie, canonical, kind):
 
 @pytest.mark.parametrize("canonical", [True, False])
 def test_valid_set_is_exactly_the_decoders(canonical):
-    model = tiny(canonical=canonical)
-    row = codes_of(1, model, 48)
-    with torch.no_grad():
-        logits, _ = model(torch.tensor([row]))
-    lzw, masked = z.LZW(V, C, M, (EOT,)), 0
-    for t, code in enumerate(row):
-        lzw.push(code)
-        valid = set(range(V + len(lzw.entries))) | ({V + len(lzw.entries)} if lzw.pending() else set())
-        if canonical:
-            allowed = {x for x in valid if canonical_next(row[:t + 1], x, model)}
-            masked += len(valid - allowed)
-            valid = allowed
-        assert set(torch.isfinite(logits[0, t]).nonzero()[:, 0].tolist()) == valid
+    # by hand, [1, 0, 2, 1]: at the end the match (1) has a child, 0 ([1,0] is an entry), and the
+    # pending id [1,1] exists: base id 0 (and [0,2]) are masked, the pending id is not
+    model, masked = tiny(canonical=canonical), 0
+    for row in (codes_of(1, model, 48), [1, 0, 2, 1]):
+        with torch.no_grad():
+            logits, _ = model(torch.tensor([row]))
+        lzw = z.LZW(V, C, M, (EOT,))
+        for t, code in enumerate(row):
+            lzw.push(code)
+            valid = set(range(V + len(lzw.entries))) | ({V + len(lzw.entries)} if lzw.pending() else set())
+            if canonical:
+                allowed = {x for x in valid if canonical_next(row[:t + 1], x, model)}
+                masked += len(valid - allowed)
+                valid = allowed
+            assert set(torch.isfinite(logits[0, t]).nonzero()[:, 0].tolist()) == valid
     assert masked > 0 or not canonical          # the rule had something to mask here
+    assert not canonical or (0 not in valid and V + 1 not in valid and V + 3 in valid)
 
 
 @pytest.mark.parametrize("canonical,kind", [(True, "transformer"), (False, "transformer"), (True, "mlp"),
@@ -379,16 +383,16 @@ def test_score_of_texts_without_hypertokens(text, no_digit_merges, kind, tie):
         model.load_state_dict(gpt2_tiny(kind, tie).state_dict())
         model.eval()
         assert all(c < tok.vocab_size for c in tok.encode(text))         # digits never merge
-    nll, n_bytes = model.score(text, tok)
+    nll, n_bytes = likelihood.score(model, text, tok)
     assert n_bytes == len(text.encode()) and (nll > 0) == (len(text) > 0)
     assert multiview.score(model, text, tok, beam_size=4)[0] == pytest.approx(nll, abs=1e-4)
 
 def test_score_counts_a_literal_endoftext_as_text():
-    # scored text is text: its 13 bytes count (as in efficiency.py), only the leading separator
+    # scored text is text: its 13 bytes count (as in evals/efficiency.py), only the leading separator
     # that score adds counts 0
     model, tok = gpt2_tiny("transformer", True), z.Tokenizer(4, 1024)
     for text in ("<|endoftext|>", "a<|endoftext|>b", "é<|endoftext|><|endoftext|>"):
-        nll, n_bytes = model.score(text, tok)
+        nll, n_bytes = likelihood.score(model, text, tok)
         assert n_bytes == len(text.encode("utf-8")) and nll > 0
 
 # -----------------------------------------------------------------------------
@@ -527,8 +531,10 @@ def test_bf16_logits_stay_bf16_and_no_fp32_copy_of_them():
     loss.backward()
     assert logits.dtype == torch.bfloat16 and watch.seen == [], watch.seen
     with torch.autocast("cpu", dtype=torch.bfloat16), torch.no_grad():
-        dec = fastgen.StaticStepper(model.eval(), [row[:5]])
-    assert dec.state["k"][0].dtype == dec.state["table_in"].dtype == torch.bfloat16
+        dec, stepper = fastgen.StaticStepper(model.eval(), [row[:5]]), z.Stepper(model)
+    # both decoders keep their KV cache in the compute dtype (zip2zip.cache_dtype decides it)
+    assert dec.state["k"][0].dtype == dec.state["table_in"].dtype == stepper.k.dtype == torch.bfloat16
+    assert fastgen.StaticStepper(model, [row[:5]]).state["k"][0].dtype == z.Stepper(model).k.dtype == torch.float32
 
 
 def test_the_canonical_mask_allocates_nothing_the_size_of_the_logits():
@@ -599,3 +605,12 @@ def test_a_decoding_step_has_few_ops_and_no_host_sync(greedy, batch):
     syncs = {"_local_scalar_dense", "nonzero", "item", "masked_select", "is_nonzero", "equal", "unique"}
     assert not [op for op in zip_ops if op.__name__.split(".")[0] in syncs]
     assert sum(op.__name__.startswith("lift_fresh") for op in zip_ops) == 1     # one tensor from the host
+
+
+def test_the_config_keeps_what_it_was_given():
+    # hyper_n_embd=0 means "derived from n_embd" and stays 0: a copy with another n_embd (as
+    # lib/adapt.py makes) derives its own width
+    c = z.GPTConfig(n_embd=64, n_head=4, hyper_n_head=4)
+    assert c.hyper_n_embd == 0 and c.hyper_width == 16
+    assert dataclasses.replace(c, n_embd=128).hyper_width == 32
+    assert z.GPTConfig(n_embd=64, n_head=4, hyper_n_embd=8, hyper_n_head=4).hyper_width == 8

@@ -5,10 +5,10 @@ import sysconfig
 import numpy as np
 import pytest
 
-import efficiency
+from evals import efficiency
+from evals.efficiency import compression_stats
 from lib import cli
 from lib.cli import show
-from efficiency import compression_stats
 from zip2zip import Tokenizer
 
 

@@ -240,9 +240,11 @@ def test_adapt_from_plain_loads_every_base_weight(data_dir, plain_dir, tmp_path)
     source = torch.load(os.path.join(plain_dir, "ckpt.pt"), weights_only=True)["model"]
     cfg = train.TrainConfig(init_from=plain_dir, block_size=8, n_layer=3, max_subtokens=4)
     mconf = zip2zip.GPTConfig(**{k: getattr(cfg, k) for k in train.MODEL_KEYS})
-    model = train.make_model(cfg, mconf)
-    assert cfg.n_layer == 1 and cfg.bias is True                    # the source's architecture
-    assert model.config.hyper_n_embd == zip2zip.GPTConfig(n_embd=16, n_head=2).hyper_n_embd   # derived from it too
+    given = dataclasses.replace(cfg)
+    model, adapted = train.make_model(cfg, mconf)
+    assert adapted.n_layer == 1 and adapted.bias is True            # the source's architecture
+    assert cfg == given and mconf.n_layer == 3                      # in a copy: what was given is unchanged
+    assert model.config.hyper_width == zip2zip.GPTConfig(n_embd=16, n_head=2).hyper_width == 4   # derived from it too
     state = model.state_dict()
     base = [k for k in state if not k.startswith(adapt.HYPER_PARTS)]
     assert sorted(base) == sorted(source)

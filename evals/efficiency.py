@@ -1,9 +1,9 @@
 """
 Token efficiency of zip2zip's codec on files: how much shorter LZW makes GPT-2 BPE.
 
-    python efficiency.py FILE... [--key=value ...]
-    python efficiency.py data/pycode/val.bin data/prose/val.bin --show=True
-    python efficiency.py some_file.py --max_subtokens=3 --window=0
+    python -m evals.efficiency FILE... [--key=value ...]
+    python -m evals.efficiency data/pycode/val.bin data/prose/val.bin --show=True
+    python -m evals.efficiency some_file.py --max_subtokens=3 --window=0
 
 A `.bin` file is read as uint16 GPT-2 ids (as data/*/prepare.py writes them), anything else as
 UTF-8 text. Each window of `window` base tokens is compressed with a fresh codebook, like a
@@ -17,7 +17,8 @@ from dataclasses import dataclass
 import numpy as np
 
 from lib import cli
-from zip2zip import Tokenizer, as_ids, lzw_encode
+from lib.checks import as_ids
+from zip2zip import Tokenizer, lzw_encode
 
 
 def compression_stats(tokenizer, ids, window=1024):
@@ -97,7 +98,7 @@ def setup(argv):
     cfg = ReportConfig()
     paths = cli.configure(cfg, argv, presets=False)
     if not paths:
-        raise ValueError("no FILE given; usage: python efficiency.py FILE... [--key=value ...] (see --help)")
+        raise ValueError("no FILE given; usage: python -m evals.efficiency FILE... [--key=value ...] (see --help)")
     cli.check(cfg, ("max_subtokens", cfg.max_subtokens >= 1, "1 (plain BPE) or more"),
               ("max_codebook_size", cfg.max_codebook_size >= 0, "0 or more"),
               ("window", cfg.window >= 0, "0 (whole file) or more base tokens"))

@@ -1,11 +1,11 @@
 """
 The paper's headline measurements at small scale, on a CPU, printed as markdown tables.
 
-    python reproduce.py                             # token efficiency and decoding speed (~5 min)
-    python reproduce.py out-cpu out-plain-cpu       # and bits per byte of train.py checkpoints
-    python reproduce.py --likelihood                # the exact-likelihood set: 8 trainings (~75 min)
-    python reproduce.py --ablations                 # the ablation set: 13 trainings (~50 min)
-    python reproduce.py --ablations --quick         # the same plumbing on tiny models, in seconds
+    python -m evals.reproduce                             # token efficiency and decoding speed (~5 min)
+    python -m evals.reproduce out-cpu out-plain-cpu       # and bits per byte of train.py checkpoints
+    python -m evals.reproduce --likelihood                # the exact-likelihood set: 8 trainings (~75 min)
+    python -m evals.reproduce --ablations                 # the ablation set: 13 trainings (~50 min)
+    python -m evals.reproduce --ablations --quick         # the same plumbing on tiny models, in seconds
 
 1. Token efficiency (the paper's Table 2 and merge-size ablation): length ratio codes / base
    tokens and bytes per token before and after, on code (pycode val) and English prose (pydoc
@@ -35,11 +35,12 @@ import torch
 
 import bench
 import fastgen
-from efficiency import compression_stats
+from data.common import gpt2_bpe
+from evals.efficiency import compression_stats
 from lib import cli
-from zip2zip import Tokenizer, gpt2_bpe
+from zip2zip import Tokenizer
 
-ROOT = os.path.dirname(os.path.abspath(__file__))
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))   # the repository
 
 # What the paper reports (Geng et al. 2025), for the comparison
 PAPER = {"code": -0.35, "prose": -0.15, "code_bytes": (4.1, 6.3), "train_mix_m4": 0.689}
@@ -127,7 +128,7 @@ def bits_per_byte(cfg, models):
     print("\n### Bits per byte on fixed validation windows (the same text for every model)\n")
     if not models:
         print("no checkpoints: train them first (`python train.py`, `python train.py config/plain_cpu.py`), "
-              "then `python reproduce.py out-cpu out-plain-cpu`")
+              "then `python -m evals.reproduce out-cpu out-plain-cpu`")
         return {}
     names = {ckpt.get("config", {}).get("dataset", "pycode") for _, _, ckpt, _ in models}
     dataset = names.pop() if len(names) == 1 else "pycode"

@@ -2,19 +2,19 @@
 zip2zip in lm-evaluation-harness: the paper's task protocol for a train.py checkpoint.
 
     pip install lm-eval
-    python harness.py                                         # the three offline tasks of tasks/, on train.py's out_dir
-    python harness.py --out_dir=out-cpu --tasks=zip2zip_prose_cloze --beam_size=16 --limit=50
-    python harness.py --out_dir=out-cpu --tasks=hellaswag     # any lm-eval task whose data it can download
+    python -m evals.harness                                   # the three offline tasks of tasks/, on train.py's out_dir
+    python -m evals.harness --out_dir=out-cpu --tasks=zip2zip_prose_cloze --beam_size=16 --limit=50
+    python -m evals.harness --out_dir=out-cpu --tasks=hellaswag     # any lm-eval task whose data it can download
 
 lm-eval's own messages (log lines, progress bars, warnings) are kept out of sight; --verbose shows them.
 
 Importing this file registers the lm-eval model name `zip2zip`, so that from Python
-`import harness; lm_eval.simple_evaluate(model="zip2zip", model_args="out_dir=out-cpu,beam_size=0",
+`import evals.harness; lm_eval.simple_evaluate(model="zip2zip", model_args="out_dir=out-cpu,beam_size=0",
 tasks=[...])` works too. lm-eval is an optional extra: the method (zip2zip.py) never imports it.
 
 What the three kinds of request mean for a model whose vocabulary grows as it reads (DESIGN.md 2.2):
 - loglikelihood (context, continuation): log P(continuation | context) = log P_prefix(context +
-  continuation) - log P_prefix(context), GPT.loglikelihoods. As lm-eval's Hugging Face model does:
+  continuation) - log P_prefix(context), likelihood.loglikelihoods. As lm-eval's Hugging Face model does:
   trailing whitespace of the context moves to the continuation, the pair is tokenized together
   and split where the context's own tokens end; the context gets an <|endoftext|> in front, the
   start every training window has. Requests that share a context are scored together. An empty
@@ -41,7 +41,7 @@ from dataclasses import dataclass, field
 
 import torch
 
-import multiview
+from evals import multiview
 from fastgen import StaticStepper
 from lib import cli
 from zip2zip import lzw_encode
@@ -49,10 +49,10 @@ from zip2zip import lzw_encode
 try:
     from lm_eval.api.model import LM
     from lm_eval.api.registry import register_model
-except ImportError:            # harness.py --help still works; main() says what to install
+except ImportError:            # --help still works; main() says what to install
     LM, register_model = object, lambda name: (lambda cls: cls)
 
-TASKS = os.path.join(os.path.dirname(os.path.abspath(__file__)), "tasks")
+TASKS = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "tasks")
 OFFLINE_TASKS = "zip2zip_code_mc, zip2zip_prose_cloze, zip2zip_pycode_bpb"   # tasks/: their data ship here
 
 
@@ -115,7 +115,7 @@ class Zip2Zip(LM):
         return out
 
     def loglikelihood_rolling(self, requests, disable_tqdm=False):
-        with self.ctx:   # the prefix NLL of each whole document after an <|endoftext|> (GPT.score)
+        with self.ctx:   # the prefix NLL of each whole document after an <|endoftext|> (likelihood.score)
             return [-multiview.score(self.model, r.args[0], self.tok, self.beam_size)[0] for r in requests]
 
     def generate_until(self, requests, disable_tqdm=False):

@@ -1,7 +1,7 @@
 """
 The multi-view likelihood of a text (DESIGN.md 5): the probability that a model's text starts
 with it, summed over the code streams that spell it, for any zip2zip model: marginal_nll,
-loglikelihoods and score, the multi-view forms of GPT.nll, GPT.loglikelihoods and GPT.score.
+loglikelihoods and score, the multi-view forms of GPT.nll and likelihood.loglikelihoods and score.
 
 Many code streams spell the same text: the canonical one, and every one that writes a run of base
 tokens in smaller pieces than the greedy encoder would. An unmasked model (canonical=False)
@@ -23,8 +23,9 @@ in one batched step of fastgen.StaticStepper.
 import torch
 from torch.nn import functional as F
 
+from evals import likelihood
 from fastgen import StaticStepper, gather_rows
-from zip2zip import as_ids, check_base_ids
+from lib.checks import as_ids, check_base_ids
 
 
 def lattice(model, ids, ends):
@@ -96,12 +97,12 @@ def marginal_nll(model, ids, beam_size=16):
 
 @torch.no_grad()
 def loglikelihoods(model, context, continuations, beam_size=16):
-    """GPT.loglikelihoods with both prefix probabilities summed over segmentations: exact for any
-    model when the beam holds every path. is_greedy is GPT.loglikelihoods', along the canonical
-    codes. beam_size 0: GPT.loglikelihoods itself."""
+    """likelihood.loglikelihoods with both prefix probabilities summed over segmentations: exact for
+    any model when the beam holds every path. is_greedy is likelihood.loglikelihoods', along the
+    canonical codes. beam_size 0: likelihood.loglikelihoods itself."""
     ctx = as_ids(context, "context")
     conts = [as_ids(x, "continuation") for x in continuations]   # read once: it may be a generator
-    out = model.loglikelihoods(ctx, conts)
+    out = likelihood.loglikelihoods(model, ctx, conts)
     if beam_size == 0:
         return out
     return [(nll_ctx - nll_all, greedy) for x, (_, greedy) in zip(conts, out)
@@ -114,8 +115,8 @@ def loglikelihood(model, context, continuation, beam_size=16):
 
 
 def score(model, text, tokenizer, beam_size=16):
-    """GPT.score with the NLL summed over segmentations: (NLL in nats, UTF-8 bytes). beam_size 0:
-    GPT.score itself."""
+    """likelihood.score with the NLL summed over segmentations: (NLL in nats, UTF-8 bytes).
+    beam_size 0: likelihood.score itself."""
     if beam_size == 0:
-        return model.score(text, tokenizer)
-    return marginal_nll(model, model.text_ids(text, tokenizer), beam_size), len(text.encode("utf-8"))
+        return likelihood.score(model, text, tokenizer)
+    return marginal_nll(model, likelihood.text_ids(model, text, tokenizer), beam_size), len(text.encode("utf-8"))

@@ -117,7 +117,8 @@ class TrainConfig(ModelSettings):
 def model_config(cfg, tokenizer=None):
     """The GPTConfig of the settings (with the tokenizer's vocabulary, if given); its own checks
     run, and their ValueError names the flags: `n_head=3` becomes `--n_head=3`."""
-    extra = dict(vocab_size=tokenizer.vocab_size, disabled_ids=tuple(sorted(tokenizer.disabled_ids))) if tokenizer else {}
+    extra = {} if tokenizer is None else \
+        dict(vocab_size=tokenizer.vocab_size, disabled_ids=tuple(sorted(tokenizer.disabled_ids)))
     try:
         return GPTConfig(**{k: getattr(cfg, k) for k in MODEL_FIELDS}, **extra)
     except ValueError as e:

@@ -273,9 +273,9 @@ def _typed(value):
 def help_text(config, origins=None):
     """--help: the script's summary and usage (its module docstring's first paragraph, and its
     lines that start with `python` or `torchrun`), then every setting with the value in force
-    and its comment in the dataclass (described_fields: a model's fields explained where they are
-    declared). A value that a preset set (train.py's config/cpu.py on a
-    machine without CUDA) is labelled with the preset and its comment, and the dataclass comment
+    and its comment in the dataclass (described_fields: a model's fields are explained where they
+    are declared). A value that a preset set (train.py's config/cpu.py on a machine without CUDA)
+    is labelled with the preset and its comment, and the dataclass comment
     is said to be the default's, since it explains that value: `origins` maps such a key to
     (preset file, comment). A value changed otherwise shows the dataclass default beside it."""
     import dataclasses

@@ -1,7 +1,8 @@
 """
-What train.py prints besides its evaluations: the model it trains, the log lines of the steps and evaluations (losses, speed, time
-elapsed and to the end) and, when a run ends, what was done and how to go on, then a sample.
-README.md ("What you see") explains the fields.
+What train.py prints: the model it trains, the lines of the logged steps (losses, speed, time
+elapsed and to the end) and of the evaluations, and, when a run ends, what was done and how to go
+on, then a sample.
+README.md ("What you see") and docs/running.md explain the fields.
 """
 
 import os

@@ -91,8 +91,8 @@ def test_help_of_train_as_a_command():
         line = next(line for line in r.stdout.splitlines() if "--gradient_accumulation_steps=" in line)
         assert line.split() == ["--gradient_accumulation_steps=1", "config/cpu.py;", "default", "2:", "micro-batches",
                                 "per", "step,", "over", "all", "DDP", "ranks", "together:", "32", "x", "1024", "codes;",
-                                "each", "rank", "takes", "an", "equal", "share,", "at", "least", "one", "(more", "ranks:",
-                                "a", "bigger", "step)"]
+                                "each", "rank", "takes", "an", "equal", "share,", "at", "least", "one", "(more",
+                                "ranks:", "a", "bigger", "step)"]
         line = next(line for line in r.stdout.splitlines() if "--batch_size=" in line)
         assert "--batch_size=4" in line and "config/cpu.py: small batches" in line and "default 16: rows" in line
 

@@ -461,7 +461,8 @@ SAVED_SETTINGS = ["out_dir", "init_from", "overwrite", "eval_interval", "eval_wi
                   "max_codebook_size", "canonical", "hyper_encoder", "hyper_n_layer", "hyper_n_embd", "hyper_n_head",
                   "tie_weights", "recon_lambda", "recon_max_entries", "no_digit_merges", "lora_rank", "lora_alpha",
                   "learning_rate", "max_iters", "max_seconds", "weight_decay", "beta1", "beta2", "grad_clip",
-                  "decay_lr", "warmup_iters", "lr_decay_iters", "min_lr", "device", "dtype", "compile", "threads", "seed"]
+                  "decay_lr", "warmup_iters", "lr_decay_iters", "min_lr", "device", "dtype", "compile", "threads",
+                  "seed"]
 
 
 def test_a_checkpoint_of_the_earlier_format_resumes(data_dir, tmp_path):

@@ -31,23 +31,23 @@ What differs from nanoGPT's train.py:
 
 import math
 import os
+import re
 import sys
 import time
 from contextlib import ExitStack, closing
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, fields
 from types import SimpleNamespace
 
 import numpy as np
 import torch
 import torch.nn as nn
 
-import fastgen
 import kernels
 import zip2zip
 from evals import multiview
-from lib import adapt, cli, loader, outdir
-from lib.loader import EOT, build_batch, check_tokens, eval_windows
-from lib.meter import Meter, eta_seconds, flops_per_batch, hms, sync
+from lib import adapt, cli, ddp, loader, outdir, report
+from lib.loader import EOT, build_batch, eval_windows
+from lib.meter import Meter, flops_per_batch, hms, sync
 from zip2zip import GPT, GPTConfig
 
 REPO = os.path.dirname(os.path.abspath(__file__))
@@ -56,8 +56,22 @@ REPO = os.path.dirname(os.path.abspath(__file__))
 # Settings: every default is the GPU main job; config/cpu.py shrinks it for a CPU
 
 
+# The model's settings are GPTConfig's (zip2zip.py says what each means), but vocab_size and disabled_ids,
+# which the tokenizer sets. The main job's model is smaller than GPTConfig's default (GPT-2 small):
+MAIN_JOB = {   # field: (value, why)
+    "n_layer": (8, "8 x 512: ~25M parameters besides the embeddings, enough for ~14M tokens of data"),
+    "n_head": (8, "64 dimensions per head, as GPT-2"),
+    "n_embd": (512, "see n_layer"),
+    "dropout": (0.1, "the main job reads pycode about 12 times over: some regularisation helps"),
+    "bias": (False, "a little faster and as good (nanoGPT); adapting GPT-2 takes its biases"),
+}
+ModelSettings = cli.fields_of(GPTConfig, MAIN_JOB, but=("vocab_size", "disabled_ids"))
+MODEL_FIELDS = tuple(f.name for f in fields(ModelSettings))
+FIXED = ("lora_rank", "lora_alpha", "no_digit_merges", "dataset")   # besides the model's: a resumed run keeps them
+
+
 @dataclass
-class TrainConfig:
+class TrainConfig(ModelSettings):
     # I/O
     out_dir: str = "out"                # ckpt.pt and log.json go here (out*/ is git-ignored)
     init_from: str = "scratch"          # scratch | resume | gpt2, gpt2-medium/-large/-xl | a folder holding a ckpt.pt to adapt
@@ -76,31 +90,13 @@ class TrainConfig:
                                         # each rank takes an equal share, at least one (more ranks: a bigger step)
     loader: str = "process"             # process | thread | sync: the codec is pure Python, processes avoid the GIL
     num_workers: int = 0                # batch-building workers per rank; 0: lib/loader.py's default_workers (1 to 4)
-    # model: GPTConfig's fields (vocab_size is GPT-2's, disabled_ids follow from no_digit_merges)
-    block_size: int = 1024              # context in codes: on code that is ~2.2x as many base tokens
-    n_layer: int = 8                    # 8 x 512: ~25M parameters besides the embeddings, enough for ~14M tokens of data
-    n_head: int = 8                     # 64 dimensions per head, as GPT-2
-    n_embd: int = 512
-    dropout: float = 0.1                # the main job reads pycode ~6 times over: some regularisation helps
-    bias: bool = False                  # a little faster and as good (nanoGPT); GPT-2's weights have biases
-    max_subtokens: int = 4              # M: longest hypertoken; 1 = the plain GPT; the paper finds 3..5 close
-    max_codebook_size: int = 1024       # C: hypertokens per sequence; a 1024-code window of code makes ~800
-    canonical: bool = True              # score only canonical codes, so the NLL is -log P(text) (DESIGN.md 2.1);
-                                        # False: the paper's unmasked vocabulary
-    hyper_encoder: str = "transformer"  # transformer | mlp | mean: how a hypertoken is embedded from its base tokens
-    hyper_n_layer: int = 1              # hyper-encoder depth: 1-2 layers beat mean pooling in the paper
-    hyper_n_embd: int = 0               # its width; 0: n_embd // 4, so a new entry costs a few percent of a step
-    hyper_n_head: int = 4
-    tie_weights: bool = True            # one table (and one hyper-encoder) for input and output, as GPT-2
-    recon_lambda: float = 0.1           # weight of the reconstruction loss (the paper's)
-    recon_max_entries: int = 256        # hypertokens per micro-batch it is computed on: each costs M rows of (., V) logits
     no_digit_merges: bool = False       # keep digits out of hypertokens (merging hurts the paper's math results)
     # adaptation
     lora_rank: int = 0                  # > 0: LoRA adapters of this rank on the GPT blocks' linears, base weights frozen
     lora_alpha: float = 16.0            # the adapters' output is scaled by alpha / rank (the usual default)
     # AdamW
     learning_rate: float = 1e-3         # peak; a model this small takes more than nanoGPT's 6e-4 for 124M
-    max_iters: int = 2500               # 2500 x 32 x 1024 codes: ~6 passes over pycode train
+    max_iters: int = 2500               # 2500 x 32 x 1024 codes: about 12 passes over pycode train
     max_seconds: float = 0.0            # > 0: also stop after this much training time, and decay the LR over it
     weight_decay: float = 0.1           # GPT-3's and nanoGPT's, on matrices only
     beta1: float = 0.9                  # the usual
@@ -118,23 +114,24 @@ class TrainConfig:
     seed: int = 1337                    # any fixed number: with it, every draw repeats exactly
 
 
-MODEL_KEYS = ("block_size", "n_layer", "n_head", "n_embd", "dropout", "bias", "max_subtokens", "max_codebook_size",
-              "canonical", "hyper_encoder", "hyper_n_layer", "hyper_n_embd", "hyper_n_head", "tie_weights",
-              "recon_lambda", "recon_max_entries")
+def model_config(cfg, tokenizer=None):
+    """The GPTConfig of the settings (with the tokenizer's vocabulary, if given); its own checks
+    run, and their ValueError names the flags: `n_head=3` becomes `--n_head=3`."""
+    extra = {} if tokenizer is None else \
+        dict(vocab_size=tokenizer.vocab_size, disabled_ids=tuple(sorted(tokenizer.disabled_ids)))
+    try:
+        return GPTConfig(**{k: getattr(cfg, k) for k in MODEL_FIELDS}, **extra)
+    except ValueError as e:
+        raise ValueError(re.sub(rf"(?<![\w-])({'|'.join(MODEL_FIELDS)})\b", r"--\1", str(e))) from None
 
 
 def check_config(cfg, world):
     """ValueError naming the first setting that cannot work. It reads no file, so it runs before
     any checkpoint or data is loaded, and a typo is never blamed on them."""
     c = cfg
-    rules = (  # (setting, whether its value can work, what it must be)
-        ("n_layer", c.n_layer >= 1, "at least 1"), ("n_head", c.n_head >= 1, "at least 1"),
-        ("n_embd", c.n_embd >= 1, "at least 1"),
-        ("hyper_n_layer", c.hyper_n_layer >= 1, "at least 1"), ("hyper_n_head", c.hyper_n_head >= 1, "at least 1"),
-        ("hyper_encoder", c.hyper_encoder in ("transformer", "mlp", "mean"), "transformer, mlp or mean"),
-        ("hyper_n_embd", c.hyper_n_embd >= 0, "0 (n_embd // 4) or more"),
-        ("block_size", c.block_size >= 2, "at least 2"), ("max_subtokens", c.max_subtokens >= 1, "at least 1"),
-        ("max_codebook_size", c.max_codebook_size >= 0, "0 or more"), ("dropout", 0 <= c.dropout < 1, "in [0, 1)"),
+    model_config(cfg)   # the model's settings, checked where they are declared
+    # (setting, whether its value can work, what it must be): training's own, and three that GPTConfig leaves
+    rules = (("hyper_n_embd", c.hyper_n_embd >= 0, "0 (n_embd // 4) or more"),
         ("recon_lambda", c.recon_lambda >= 0, "0 or more"), ("recon_max_entries", c.recon_max_entries >= 0, "0 or more"),
         ("lora_rank", c.lora_rank >= 0, "0 (off) or more"), ("batch_size", c.batch_size >= 1, "at least 1"),
         ("gradient_accumulation_steps", c.gradient_accumulation_steps >= 1 and
@@ -154,10 +151,6 @@ def check_config(cfg, world):
     for key, ok, what in rules:
         if not ok:
             raise ValueError(f"--{key}={getattr(cfg, key)!r}: expected {what}")
-    for heads, width in (("n_head", "n_embd"), ("hyper_n_head", "hyper_n_embd")):   # both named: either may be the typo
-        if getattr(c, width) % getattr(c, heads):
-            raise ValueError(f"--{heads}={getattr(c, heads)} does not divide --{width}={getattr(c, width)}: "
-                             f"each head gets {width} / {heads} dimensions")
     cli.device(c.device)   # unknown, or not on this machine: ValueError naming --device
 
 
@@ -170,23 +163,6 @@ def read_config(argv, cuda, world):
     check_config(cfg, world)
     return cfg
 
-
-def resume_config(cfg, argv, cuda, world):
-    """(the run's own settings with the command line on top, (model, checkpoint)) of out_dir."""
-    resumed = cli.load_checkpoint(cfg.out_dir, "cpu")
-    unknown = set(resumed[1].get("config", {"?": 0})) - set(TrainConfig.__dataclass_fields__)
-    if unknown:
-        raise ValueError(f"{cfg.out_dir}: not a train.py checkpoint, or another version's (settings {sorted(unknown)})")
-    saved, new = TrainConfig(**resumed[1]["config"]), TrainConfig(**resumed[1]["config"])
-    cli.configure(new, argv)
-    new.out_dir = cfg.out_dir       # where it was found (and locked), even if the folder was renamed
-    changed = [f"{k}={getattr(new, k)!r} (the run has {getattr(saved, k)!r})"
-               for k in MODEL_KEYS + ("lora_rank", "lora_alpha", "no_digit_merges", "dataset")
-               if getattr(new, k) != getattr(saved, k)]
-    if changed:
-        raise ValueError(f"cannot change on resume: {', '.join(changed)}")
-    check_config(new, world)
-    return new, resumed
 
 # -----------------------------------------------------------------------------
 # Data: random windows of base tokens, each compressed with a fresh codebook (loader.build_batch)
@@ -320,36 +296,29 @@ def main(argv=None):
 
 def setup(argv, held):
     """The settings, checked; the DDP processes, the device, autocast; the out_dir's lock."""
-    env = SimpleNamespace(ddp=int(os.environ.get("RANK", -1)) != -1)      # launched by torchrun?
-    env.rank, env.local_rank, world = (int(os.environ.get(k, "0")) for k in ("RANK", "LOCAL_RANK", "WORLD_SIZE"))
-    env.world, env.local_world = max(world, 1), int(os.environ.get("LOCAL_WORLD_SIZE", 1))
-    env.master, env.cuda = env.rank == 0, torch.cuda.is_available()
-    try:
+    env = ddp.ranks()                   # this process, of those torchrun started (if it did)
+    env.cuda = torch.cuda.is_available()
+    with cli.one_line_errors():   # OSError too: GPT-2's ranks missing or damaged
         cfg = read_config(argv, env.cuda, env.world)
         env.writes = env.master and not cfg.eval_only    # rank 0 writes out_dir, and holds it until the end
         if env.writes and (cfg.init_from != "resume" or os.path.isdir(cfg.out_dir)):
             held.enter_context(outdir.lock(cfg.out_dir))
-        cfg, env.resumed = resume_config(cfg, argv, env.cuda, env.world) if cfg.init_from == "resume" else (cfg, None)
+        env.resumed = None
+        if cfg.init_from == "resume":   # the run's own settings, with the command line on top
+            cfg, env.resumed = outdir.resume_settings(cfg, argv, MODEL_FIELDS + FIXED)
+            check_config(cfg, env.world)
         env.ckpt, env.ckpt_path = env.resumed and env.resumed[1], os.path.join(cfg.out_dir, "ckpt.pt")
         if env.writes and not env.ckpt and os.path.exists(env.ckpt_path) and not cfg.overwrite:
             raise ValueError(f"{env.ckpt_path} exists: continue it with --init_from=resume, choose another "
                              f"--out_dir, or replace it with --overwrite=True")
         env.tokenizer = zip2zip.Tokenizer(cfg.max_subtokens, cfg.max_codebook_size, cfg.no_digit_merges)
-    except (ValueError, OSError) as e:   # OSError: GPT-2's ranks missing or damaged
-        raise SystemExit(f"error: {e}")
     env.cfg = cfg
     if env.master and not env.cuda and cfg.init_from != "resume":
         print("no CUDA here: the CPU preset config/cpu.py applies first" +
               (f"; it trains for at most {hms(cfg.max_seconds)} (h:mm:ss)" if cfg.max_seconds > 0 else ""))
     env.device = cli.device(cfg.device)
     if env.ddp:   # as --device says: one GPU per process (NCCL), or the CPU (gloo)
-        gpu = env.device.startswith("cuda")
-        env.device = f"cuda:{env.local_rank}" if gpu else env.device
-        torch.distributed.init_process_group(backend="nccl" if gpu else "gloo")
-        if gpu:
-            torch.cuda.set_device(env.device)
-        else:   # share the cores between this machine's processes
-            torch.set_num_threads(max(1, loader.usable_cpus() // env.local_world))
+        env.device = ddp.start(env.device, env.local_rank, env.local_world)
     if cfg.threads:
         torch.set_num_threads(cfg.threads)
     # each rank's share of the step's micro-batches; with more ranks than micro-batches, one each
@@ -358,34 +327,21 @@ def setup(argv, held):
     env.device_type = "cuda" if env.device.startswith("cuda") else "cpu"
     env.dtype, env.ctx = cli.autocast(cfg.dtype, env.device)
     torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = True
-    env.mconf = GPTConfig(vocab_size=env.tokenizer.vocab_size, disabled_ids=tuple(sorted(env.tokenizer.disabled_ids)),
-                          **{k: getattr(cfg, k) for k in MODEL_KEYS})
+    env.mconf = model_config(cfg, env.tokenizer)
     return env
 
 
 def load_data(env):
     """(train.bin's path, the validation windows), prepared first if a shipped dataset is missing."""
     cfg = env.cfg
-    folder = cfg.dataset if os.sep in cfg.dataset else os.path.join(REPO, "data", cfg.dataset)
-    if env.master and os.sep not in cfg.dataset and os.path.isfile(os.path.join(folder, "prepare.py")) \
-            and not os.path.exists(os.path.join(folder, "meta.json")):
-        print(f"data/{cfg.dataset} is missing or incomplete: preparing it first")
-        __import__(f"data.{cfg.dataset}.prepare", fromlist=["prepare"]).prepare()
+    folder = loader.data_folder(cfg.dataset, REPO, prepare=env.master)
     if env.ddp:
         torch.distributed.barrier()
-    train_path, val_path = (os.path.join(folder, f"{s}.bin") for s in ("train", "val"))
-    try:
-        for p in (train_path, val_path):
-            if not os.path.isfile(p):
-                raise ValueError(f"--dataset={cfg.dataset}: no {p}")
-            check_tokens(p, env.mconf.vocab_size)
-        n_train, need = len(np.memmap(train_path, dtype=np.uint16, mode="r")), cfg.max_subtokens * (cfg.block_size + 1)
-        if n_train < need:
-            raise ValueError(f"{train_path} holds {n_train} tokens; a window of {cfg.block_size + 1} codes may need {need}")
+    with cli.one_line_errors():
+        train_path, val_path = loader.data_files(cfg.dataset, folder, cfg.block_size, cfg.max_subtokens,
+                                                 env.mconf.vocab_size)
         windows = eval_windows(np.memmap(val_path, dtype=np.uint16, mode="r"), cfg.eval_windows,
                                cfg.block_size, env.mconf, env.tokenizer.byte_lengths)
-    except (ValueError, FileNotFoundError) as e:
-        raise SystemExit(f"error: {e}")
     return train_path, windows
 
 
@@ -393,11 +349,9 @@ def build_model(env):
     """The run's state: the model on the device (raw_model; model: compiled blocks, DDP), its
     optimizer and scaler, the step reached, the best validation loss, the log."""
     cfg, ckpt = env.cfg, env.ckpt
-    try:
-        torch.manual_seed(cfg.seed)
+    torch.manual_seed(cfg.seed)
+    with cli.one_line_errors():
         model, cfg = make_model(cfg, env.mconf, env.resumed)
-    except (ValueError, FileNotFoundError) as e:
-        raise SystemExit(f"error: {e}")
     if model.config.has_hypertokens and (model.config.recon_lambda == 0 or model.config.recon_max_entries == 0):
         model.recon.requires_grad_(False)   # unused: DDP would wait for its gradient
     run = SimpleNamespace(raw_model=model.to(env.device), metrics=None, history=[], stop=False, eval_seconds=0.0,
@@ -410,11 +364,7 @@ def build_model(env):
     run.start_iter = run.saved_iter = run.iter_num
     run.log = {"config": asdict(cfg), **(outdir.read_log(cfg.out_dir, run.iter_num) if ckpt else {"evals": [], "train": []})}
     if env.master:
-        n_trained = sum(p.numel() for p in model.parameters() if p.requires_grad)
-        print(f"model: {model.get_num_params(False) / 1e6:.2f}M parameters ({n_trained / 1e6:.2f}M trained), "
-              f"M={cfg.max_subtokens}, C={cfg.max_codebook_size}; "
-              f"{env.world * env.accum * cfg.batch_size * cfg.block_size:,} codes per step ({env.world} x {env.accum} "
-              f"x {cfg.batch_size} x {cfg.block_size}); {env.device}, {env.dtype}")
+        report.model(env, model)            # parameters (trained), M, C, codes per step, device, dtype
     run.optimizer = configure_optimizer(model, cfg, env.device_type)
     if ckpt:
         run.optimizer.load_state_dict(ckpt["optimizer"])
@@ -451,9 +401,7 @@ def evaluate(env, run, windows):
                                     cfg.compile, cfg.eval_beam)
     run.best_val_loss = min(run.best_val_loss, m["loss"])
     if env.master:
-        views = f" (multi-view, beam {cfg.eval_beam}: {m['bpb_multiview']:.4f})" if cfg.eval_beam else ""
-        print(f"step {it}: val loss {m['loss']:.4f}, {m['bpb']:.4f} bits per byte{views}, "
-              f"{m['ratio']:.3f} codes per base token ({m['bytes_per_code']:.2f} bytes per code)")
+        report.evaluation(it, m, cfg.eval_beam)
     if env.writes:
         run.log["evals"] = [e for e in run.log["evals"] if e["iter"] < it] + \
             [{"iter": it, "train_seconds": run.train_seconds, **m}]
@@ -516,24 +464,29 @@ def train(env, run, train_path, windows, held):
             meter.add(codes=n_codes * world, bytes=n_bytes * world, flops=flops)
             for k in losses:
                 losses[k] += parts.get(k, torch.zeros(())) / accum
-        if cfg.grad_clip > 0:
-            scaler.unscale_(optimizer)
-            torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip)
-        scaler.step(optimizer)
-        scaler.update()
-        optimizer.zero_grad(set_to_none=True)
+        optimizer_step(cfg, model, optimizer, scaler)
         loader.release_freed_memory()
         run.iter_num += 1
-        report = run.iter_num % cfg.log_interval == 0 or run.iter_num == run.start_iter + 1
-        if report or run.iter_num % cfg.eval_interval == 0 or run.iter_num >= cfg.max_iters:
+        logged = run.iter_num % cfg.log_interval == 0 or run.iter_num == run.start_iter + 1
+        if logged or run.iter_num % cfg.eval_interval == 0 or run.iter_num >= cfg.max_iters:
             sync(device)    # a figure or an evaluation follows: the step's time includes its queued work
         dt = time.perf_counter() - t0
         run.train_seconds += dt
         meter.add(seconds=dt, cpu=time.process_time() - c0)
-        if report:
+        if logged:
             log_progress(env, run, losses, lr, dt, meter, batches)
             losses = {k: 0.0 for k in losses}
     return meter
+
+
+def optimizer_step(cfg, model, optimizer, scaler):
+    """Clip the gradient norm (unscaled first: float16's loss scale), step, and clear the gradients."""
+    if cfg.grad_clip > 0:
+        scaler.unscale_(optimizer)
+        torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip)
+    scaler.step(optimizer)
+    scaler.update()
+    optimizer.zero_grad(set_to_none=True)
 
 
 def log_progress(env, run, losses, lr, dt, meter, batches):
@@ -546,22 +499,8 @@ def log_progress(env, run, losses, lr, dt, meter, batches):
                          f"model's output vocabulary (masked -inf); the batches are not the model's own codes")
     run.history.append((it, lm, recon))
     run.log["train"].append({"iter": it, "train_seconds": run.train_seconds, "loss": lm, "recon": recon})
-    if not env.master:
-        return
-    now = time.perf_counter()
-    wall, eta = now - run.t_start, ""                   # evaluations included
-    if it == run.start_iter + 1:   # the first step warms up (compilation, first batches):
-        run.first_done = now, meter.total["seconds"], run.eval_seconds   # the ETA is timed from the steps after it
-    else:
-        n = it - run.start_iter - 1      # steps timed; the evaluations among them are counted apart
-        step_wall = (now - run.first_done[0] - (run.eval_seconds - run.first_done[2])) / n
-        step_train = (meter.total["seconds"] - run.first_done[1]) / n
-        left = eta_seconds(it, cfg.max_iters, cfg.max_seconds, run.train_seconds, cfg.eval_interval, step_wall,
-                           step_train, run.last_eval)
-        eta = f", ETA {hms(left)}"
-    built = cfg.loader != "sync" and batches.speed()      # codes/s the workers can build
-    print(f"iter {it}: loss {lm:.4f}" + (f", recon {recon:.4f}" if env.mconf.has_hypertokens else "") +
-          f", lr {lr:.2e}, {1000 * dt:.0f} ms, {meter.report(built, env.world)}; {hms(wall)} elapsed{eta}")
+    if env.master:
+        report.progress(env, run, lm, recon, lr, dt, meter, batches, time.perf_counter())
 
 
 # -------------------------------------------------------------------------- the end: summary, sample
@@ -569,40 +508,20 @@ def log_progress(env, run, losses, lr, dt, meter, batches):
 
 def finish(env, run, meter):
     """Save an interrupted run, say what was done, write a sample; the figures main returns."""
-    cfg, ckpt_path, it, total = env.cfg, env.ckpt_path, run.iter_num, meter.total
-    codes_s, bytes_s = (total[k] / max(total["seconds"], 1e-9) for k in ("codes", "bytes"))
     if env.writes and run.stop:
         save(env, run)
-        print(f"stopped at step {it}, saved in {ckpt_path}; to continue: "
-              f"{outdir.resume_command(cfg.out_dir, env.world)}" if run.saved_iter == it and os.path.exists(ckpt_path)
-              else f"stopped at step {it}: nothing to save")
-    elif env.master and total["seconds"] > 0:
-        print(f"trained {it - run.start_iter} steps in {total['seconds']:.0f} s ({total['cpu']:.0f} s of CPU): "
-              f"{codes_s:,.0f} codes/s, {bytes_s:,.0f} bytes of text/s; val {run.metrics['bpb']:.4f} bits per byte at "
-              f"{run.metrics['ratio']:.3f} codes per base token; checkpoint {ckpt_path}")
-    elif env.master and run.finished and env.ckpt and not cfg.eval_only:
-        limit, more = (f"--max_iters={cfg.max_iters}", f"--max_iters={2 * it}") if it >= cfg.max_iters \
-            else (f"--max_seconds={cfg.max_seconds:g}", f"--max_seconds={2 * cfg.max_seconds:g}")
-        print(f"{ckpt_path} is at step {it}: {limit} is reached, nothing to train. To train longer: "
-              f"{outdir.resume_command(cfg.out_dir, env.world, more)}")
-    elif env.master and run.finished and not cfg.eval_only:
-        print(f"--max_iters={cfg.max_iters}: evaluated the model as it starts, trained nothing, saved nothing")
-    if env.master and cfg.sample_tokens > 0 and not run.stop:
-        run.interrupt.restore()             # Ctrl-C now just ends the process: all is saved
-        torch.manual_seed(cfg.seed)
-        run.raw_model.eval()
-        with env.ctx:
-            codes = fastgen.generate(run.raw_model, [[EOT]], cfg.sample_tokens, temperature=0.8, top_k=200,
-                                     compile=cfg.compile)[0]
-        print(f"sample ({cfg.sample_tokens} codes):")
-        print(cli.show(env.tokenizer, codes[1:], color=sys.stdout.isatty()))
+    report.summary(env, run, meter)     # (lib/report.py) stopped, trained, or nothing to train
+    if env.master and env.cfg.sample_tokens > 0 and not run.stop:
+        report.sample(env, run)
     if env.ddp:
         torch.distributed.barrier()     # rank 0 may still be saving: nobody leaves before it is done
         torch.distributed.destroy_process_group()
     if run.stop:
         raise SystemExit(130)           # interrupted: not a success (the shell's code for Ctrl-C)
-    return {"history": run.history, "val": run.metrics, "iter_num": it, "train_seconds": run.train_seconds,
-            "codes_per_s": codes_s, "bytes_per_s": bytes_s, "cpu_seconds": total["cpu"]}
+    total = meter.total
+    return {"history": run.history, "val": run.metrics, "iter_num": run.iter_num, "train_seconds": run.train_seconds,
+            "codes_per_s": total["codes"] / max(total["seconds"], 1e-9),
+            "bytes_per_s": total["bytes"] / max(total["seconds"], 1e-9), "cpu_seconds": total["cpu"]}
 
 
 if __name__ == "__main__":

@@ -198,12 +198,18 @@ def field_comments(cls):
     import tokenize
     names = {f.name for f in dataclasses.fields(cls)}
     source = textwrap.dedent(inspect.getsource(cls))
-    indent = next(n for n in ast.parse(source).body if isinstance(n, ast.ClassDef)).body[0].col_offset
+    body = next(n for n in ast.parse(source).body if isinstance(n, ast.ClassDef)).body
+    indent = body[0].col_offset
+    # the fields end where the first method (or anything else) starts: its comments are not theirs
+    end = next((min([n.lineno] + [d.lineno for d in getattr(n, "decorator_list", [])]) for n in body
+                if not isinstance(n, ast.AnnAssign) and not (isinstance(n, ast.Expr) and n is body[0])), None)
     out, rows_seen = [], set()
     for tok in tokenize.generate_tokens(io.StringIO(source).readline):
         if tok.type in (tokenize.INDENT, tokenize.DEDENT, tokenize.NL, tokenize.NEWLINE):
             continue
         (row, col), first = tok.start, tok.start[0] not in rows_seen
+        if end is not None and row >= end:
+            break
         rows_seen.add(row)
         if tok.type == tokenize.NAME and first and col == indent and tok.string in names:
             out.append([tok.string, ""])
@@ -218,6 +224,47 @@ def field_comments(cls):
     return [tuple(x) for x in out]
 
 
+def fields_of(cls, defaults, but=()):
+    """A dataclass holding the fields of dataclass `cls` (but those named in `but`), so that a
+    script's settings take a model's without declaring them again: what each field means stays
+    written once, in `cls`. `defaults` maps a field to (the script's value, why it differs from
+    cls's default); help_text says both. Example: fields_of(GPTConfig, {"n_layer": (8, "small")})
+    has every field of GPTConfig with GPTConfig's defaults, but n_layer = 8."""
+    import dataclasses
+    made = dataclasses.make_dataclass(f"{cls.__name__}Fields", [
+        (f.name, f.type, dataclasses.field(default=defaults.get(f.name, (f.default,))[0],
+                                           metadata={"why": defaults.get(f.name, (0, ""))[1]}))
+        for f in dataclasses.fields(cls) if f.name not in but])
+    unknown = set(defaults) - {f.name for f in dataclasses.fields(made)}
+    assert not unknown, f"not fields of {cls.__name__}: {sorted(unknown)}"   # a bug in the script, not input
+    made.copied_from = cls   # not a field: no annotation
+    made.__doc__ = f"{cls.__name__}'s settings ({cls.__module__}.py says what each means)"
+    return made
+
+
+def described_fields(cls):
+    """field_comments of a settings dataclass and of its bases, in field order; a base made by
+    fields_of takes each comment from the class it copies (prefixed with the script's reason when
+    its default differs) under the heading of its docstring."""
+    import dataclasses
+    out = []
+    for klass in reversed(cls.__mro__):
+        if "__dataclass_fields__" not in vars(klass):
+            continue
+        source = vars(klass).get("copied_from")
+        if source is None:
+            out += field_comments(klass)
+            continue
+        theirs, defaults = dict(field_comments(source)), {f.name: f.default for f in dataclasses.fields(source)}
+        out.append((None, klass.__doc__))
+        for f in dataclasses.fields(klass):
+            why = f.metadata["why"]
+            theirs_default = f"{source.__name__}'s default {_typed(defaults[f.name])}" + \
+                (f": {theirs[f.name]}" if theirs[f.name] else "")
+            out.append((f.name, f"{why}; {theirs_default}" if why else theirs[f.name]))
+    return out
+
+
 def _typed(value):
     """A value as one would type it after --key=: plain words bare, anything else as a literal."""
     return value if isinstance(value, str) and value and value.isprintable() and " " not in value else repr(value)
@@ -226,8 +273,9 @@ def _typed(value):
 def help_text(config, origins=None):
     """--help: the script's summary and usage (its module docstring's first paragraph, and its
     lines that start with `python` or `torchrun`), then every setting with the value in force
-    and its comment in the dataclass. A value that a preset set (train.py's config/cpu.py on a
-    machine without CUDA) is labelled with the preset and its comment, and the dataclass comment
+    and its comment in the dataclass (described_fields: a model's fields are explained where they
+    are declared). A value that a preset set (train.py's config/cpu.py on a machine without CUDA)
+    is labelled with the preset and its comment, and the dataclass comment
     is said to be the default's, since it explains that value: `origins` maps such a key to
     (preset file, comment). A value changed otherwise shows the dataclass default beside it."""
     import dataclasses
@@ -242,7 +290,7 @@ def help_text(config, origins=None):
     defaults = {f.name: f.default for f in dataclasses.fields(config)}
     origins = origins or {}
     rows = []
-    for name, comment in field_comments(type(config)):
+    for name, comment in described_fields(type(config)):
         if name is None:
             rows.append((f"# {comment}", ""))
             continue

@@ -65,6 +65,31 @@ def check_tokens(path, vocab_size):
             raise ValueError(f"{path}: token {i + bad[0]} is {data[i + bad[0]]}, not a base id (< {vocab_size})")
 
 
+def data_folder(dataset, repo, prepare=True):
+    """The folder of --dataset: data/<name>/ of the repository, or the path given. A shipped
+    dataset that is missing is prepared first when `prepare` (rank 0: the others wait for it)."""
+    folder = dataset if os.sep in dataset else os.path.join(repo, "data", dataset)
+    if prepare and os.sep not in dataset and os.path.isfile(os.path.join(folder, "prepare.py")) \
+            and not os.path.exists(os.path.join(folder, "meta.json")):
+        print(f"data/{dataset} is missing or incomplete: preparing it first")
+        __import__(f"data.{dataset}.prepare", fromlist=["prepare"]).prepare()
+    return folder
+
+
+def data_files(dataset, folder, block_size, max_subtokens, vocab_size):
+    """(train.bin, val.bin) of a dataset's folder: ValueError unless both are there and hold base
+    ids < vocab_size, and train.bin holds a window: block_size + 1 codes, up to M base ids each."""
+    paths = tuple(os.path.join(folder, f"{s}.bin") for s in ("train", "val"))
+    for p in paths:
+        if not os.path.isfile(p):
+            raise ValueError(f"--dataset={dataset}: no {p}")
+        check_tokens(p, vocab_size)
+    n_train, need = len(np.memmap(paths[0], dtype=np.uint16, mode="r")), max_subtokens * (block_size + 1)
+    if n_train < need:
+        raise ValueError(f"{paths[0]} holds {n_train} tokens; a window of {block_size + 1} codes may need {need}")
+    return paths
+
+
 def build_batch(data, starts, block_size, model_config, byte_lengths):
     """Compress the window at each start (fresh codebook) until block_size + 1 codes came out.
 

@@ -22,6 +22,8 @@ from contextlib import contextmanager
 
 import torch
 
+from lib import cli
+
 try:
     import fcntl
 except ImportError:   # Windows: no advisory locks here, so nothing stops two runs
@@ -154,3 +156,24 @@ def resume_command(out_dir, world, *more):
     args = [os.path.relpath(os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "train.py")),
             "--init_from=resume", f"--out_dir={out_dir}", *more]
     return " ".join(launch + [shlex.quote(a) for a in args])
+
+
+def resume_settings(cfg, argv, fixed):
+    """(the settings of the run saved in cfg.out_dir with argv on top, (model, checkpoint)).
+    ValueError if the checkpoint is not train.py's or argv changes a setting named in `fixed`.
+
+    A checkpoint holds its settings as a flat dict of the settings dataclass's fields (train.py
+    has always written them so); a field it lacks takes today's default."""
+    resumed = cli.load_checkpoint(cfg.out_dir, "cpu")
+    kind = type(cfg)
+    unknown = set(resumed[1].get("config", {"?": 0})) - set(kind.__dataclass_fields__)
+    if unknown:
+        raise ValueError(f"{cfg.out_dir}: not a train.py checkpoint, or another version's (settings {sorted(unknown)})")
+    saved, new = kind(**resumed[1]["config"]), kind(**resumed[1]["config"])
+    cli.configure(new, argv)
+    new.out_dir = cfg.out_dir       # where it was found (and locked), even if the folder was renamed
+    changed = [f"{k}={getattr(new, k)!r} (the run has {getattr(saved, k)!r})" for k in fixed
+               if getattr(new, k) != getattr(saved, k)]
+    if changed:
+        raise ValueError(f"cannot change on resume: {', '.join(changed)}")
+    return new, resumed

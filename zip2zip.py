@@ -36,22 +36,13 @@ import torch
 import torch.nn as nn
 from torch.nn import functional as F
 
-from data.common import gpt2_bpe
+from data.common import gpt2_bpe, token_byte_lengths
 from lib.checks import as_ids, base_ids, check_config, check_targets, prompt_rows
 
 # -----------------------------------------------------------------------------
-# LZW codec
-#
-# One state machine serves the encoder and the decoder: the decoder pushes the base tokens of
-# each code it reads into an encoder, and the encoder's codebook *is* the decoder's codebook.
-#
-# Example (V=100, C=64, M=4): [7,7,7,7,7,7,7,7] -> [7, 100, 101, 100]
-#   7 -> new entry 100:[7,7], emit 7      | 7,7 -> match 100
-#   7 -> new entry 101:[7,7,7], emit 100  | 7,7 -> match 100, then 7,7,7 -> match 101
-#   7 -> new entry 102:[7,7,7,7], emit 101| 7,7 -> end of input, emit 100
-# The decoder reads 101 before it has seen 7,7,7 as an entry: it was made one token earlier, by
-# the encoder, from the match plus its own first token (the classic "KwKwK" case, the "pending"
-# id below).
+# LZW codec (DESIGN.md 1, with worked examples). One state machine serves the encoder and the
+# decoder: the decoder feeds the base tokens of each code it reads into an encoder, whose
+# codebook *is* the decoder's codebook (DESIGN.md 1.1: the "pending" id, KwKwK, is why).
 
 
 class LZW:
@@ -126,21 +117,10 @@ class LZW:
     def n_entries(self):
         return len(self.entries)
 
-    def copy(self):
-        """An independent copy of this state (entries are tuples: shared safely)."""
-        new = LZW.__new__(LZW)
-        new.__dict__.update(self.__dict__, entries=list(self.entries), parents=list(self.parents),
-                            edges=dict(self.edges))
-        return new
-
     def pending(self):
-        """Content of the pending id V + n_entries, or None when the next code cannot be it.
-
-        The encoder may use an entry the moment it creates it: that entry is the current match
-        plus its own first token (KwKwK). It is only possible when there is a match, the
-        codebook has room, and that extension is not an entry already. (The match is always
-        shorter than M here: a match of length M was emitted at once.)
-        """
+        """Content of the pending id V + n_entries (DESIGN.md 1.1: the match plus its own first
+        token), or None when the next code cannot be it. (The match is always shorter than M
+        here: a match of length M was emitted at once.)"""
         if self.buf < 0 or len(self.entries) >= self.C:
             return None
         match = self.content(self.buf)
@@ -178,18 +158,6 @@ class LZW:
         where = "" if position is None else f" at position {position}"
         raise ValueError(f"invalid code {code}{where}: expected a base id < {self.V}, an installed "
                          f"hypertoken < {self.V + n}, or the pending id {self.V + n} when one exists")
-
-    def trace(self, codes):
-        """Decode codes; after each, record the number of installed entries, the id of the current
-        match (-1: none) and the pending content (pending(); None when there is no pending id).
-        What the model needs at every position of a row (hyper_batch)."""
-        n_after, match_after, pending_after, sink = [], [], [], []
-        for t, code in enumerate(codes):
-            self.feed(self.resolve(code, t) if code >= self.V else (code,), sink)
-            n_after.append(len(self.entries))
-            match_after.append(self.buf)
-            pending_after.append(self.pending())
-        return n_after, match_after, pending_after
 
     def push(self, code, position=None):
         """Decoder step: read one code. Returns (its base ids, the ids of the entries it installed)."""
@@ -241,9 +209,7 @@ class Tokenizer:
         self.eot = self.bpe.eot_token
         self.max_subtokens, self.max_codebook_size = max_subtokens, max_codebook_size
         self.token_bytes = [self.bpe.decode_single_token_bytes(i) for i in range(self.vocab_size)]
-        # UTF-8 bytes of text per base id; <|endoftext|> is a separator, not text: 0 bytes
-        self.byte_lengths = np.array([len(b) for b in self.token_bytes], dtype=np.int64)
-        self.byte_lengths[self.eot] = 0
+        self.byte_lengths = token_byte_lengths(self.bpe)   # UTF-8 bytes per base id (<|endoftext|>: 0)
         disabled = {self.eot}
         if no_digit_merges:
             disabled |= {i for i, b in enumerate(self.token_bytes) if any(48 <= c <= 57 for c in b)}
@@ -298,10 +264,7 @@ class HyperBatch:
     pending_index: "torch.Tensor"  # (B, T) int64: index in contents of the pending content after t; -1: none
 
     def to(self, device):
-        """On `device`; through pinned memory to a GPU, so that the copies are asynchronous."""
-        cuda = torch.device(device).type == "cuda"
-        return HyperBatch(*((getattr(self, f.name).pin_memory() if cuda else getattr(self, f.name))
-                            .to(device, non_blocking=cuda) for f in fields(self)))
+        return HyperBatch(*(getattr(self, f.name).to(device) for f in fields(self)))
 
 
 def pad_contents(contents, M):
@@ -322,8 +285,12 @@ def hyper_batch(rows, vocab_size, max_codebook_size, max_subtokens, disabled_ids
 
     entry_index, nodes, n_installed, matches, pending_index = [], [], [], [], []
     for row in rows:
-        lzw = LZW(vocab_size, max_codebook_size, max_subtokens, disabled_ids)
-        n_row, match, pending = lzw.trace(row)
+        lzw, n_row, match, pending = LZW(vocab_size, max_codebook_size, max_subtokens, disabled_ids), [], [], []
+        for t, code in enumerate(row):     # decode; after each code, record what the reader knows
+            lzw.feed(lzw.resolve(code, t) if code >= vocab_size else (code,), [])
+            n_row.append(lzw.n_entries)
+            match.append(lzw.buf)          # the current match's id; -1: none
+            pending.append(lzw.pending())  # the pending content; None: no pending id
         entry_index.append([content_id(e) for e in lzw.entries])
         nodes.append(lzw.nodes(range(lzw.n_entries)))
         n_installed.append(n_row)

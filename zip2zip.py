@@ -240,12 +240,10 @@ class Tokenizer:
         return int(self.byte_lengths[np.asarray(ids, dtype=np.int64)].sum())
 
 # -----------------------------------------------------------------------------
-# What the model needs to know about each row's codebook, position by position
-#
-# The codebook of a row is a function of the row's codes: decode them and record, after each
-# position t, how many entries are installed (n_t), the encoder's current match and the pending
-# content (if any). The hyper-encoder output depends only on an entry's base ids, so contents
-# are deduplicated across the whole batch and encoded once. Example (V=100, M=4), row [7, 100]:
+# The hyper-batch: each row's codebook, position by position. Decode the row and record after each
+# code t the entries installed (n_t), the encoder's current match and the pending content (if any).
+# An entry's hyper-embedding depends only on its base ids, so contents are deduplicated across the
+# batch and encoded once. Example (V=100, M=4), row [7, 100]:
 #   after 7: n=0, match 7, pending (7,7) | after 100: n=1 (100=[7,7]), match 100, pending (7,7,7)
 #   contents [(7,7), (7,7,7)]; entry_index[0] = [0]; nodes[0] = [(7, 7, 7)]; pending_index[0] = [0, 1]
 
@@ -275,14 +273,8 @@ def pad_contents(contents, M):
 
 def hyper_batch(rows, vocab_size, max_codebook_size, max_subtokens, disabled_ids=()):
     """Decode each row of codes (a list of lists, all of length T) into a HyperBatch."""
-    index, contents = {}, []               # content -> its index in `contents`
-
-    def content_id(c):
-        if c not in index:
-            index[c] = len(contents)
-            contents.append(c)
-        return index[c]
-
+    index = {}                             # content -> its index in contents, in order of first use
+    content_id = lambda c: index.setdefault(c, len(index))
     entry_index, nodes, n_installed, matches, pending_index = [], [], [], [], []
     for row in rows:
         lzw, n_row, match, pending = LZW(vocab_size, max_codebook_size, max_subtokens, disabled_ids), [], [], []
@@ -296,7 +288,7 @@ def hyper_batch(rows, vocab_size, max_codebook_size, max_subtokens, disabled_ids
         n_installed.append(n_row)
         matches.append(match)
         pending_index.append([-1 if p is None else content_id(p) for p in pending])
-    K, M, B = max((len(e) for e in entry_index), default=0), max_subtokens, len(rows)
+    contents, K, M, B = list(index), max((len(e) for e in entry_index), default=0), max_subtokens, len(rows)
     tensor = lambda a, *shape: torch.from_numpy(np.array(a, dtype=np.int64).reshape(shape))
     return HyperBatch(
         contents=tensor(pad_contents(contents, M), -1, M),
@@ -404,17 +396,11 @@ def embed_slots(contents, lengths, wte, slot_pos):
 
 
 class HyperEncoder(nn.Module):
-    """Embeds a hypertoken from the embeddings of its base tokens (config.hyper_encoder):
-
-    - "transformer": a small bidirectional transformer over the M slots (pads masked), narrower
-      than the model (it runs on about one new entry at every decoding step, so its weights
-      must be cheap to read), then a masked mean over the slots;
-    - "mlp": an MLP over the M slot embeddings laid side by side (pads are exactly 0);
-    - "mean": the mean of the base embeddings, nothing learned (the paper's weaker baseline).
-    The first two add a zero-initialised projection to that mean: at initialisation a hypertoken
-    is exactly the mean of its base embeddings, a sensible point to start from (a random
-    encoder's output can be tens of times the norm of a token embedding).
-    """
+    """Embeds a hypertoken from the embeddings of its base tokens (config.hyper_encoder, DESIGN.md 3):
+    "transformer", a small bidirectional transformer over the M slots (pads masked), narrow for it
+    runs on about one new entry per decoding step; "mlp", an MLP over the M slot embeddings side by
+    side (pads are exactly 0); "mean", the mean of the base embeddings (the paper's baseline). The
+    first two add a zero-initialised projection to that mean: a new model starts at the mean."""
 
     def __init__(self, config):
         super().__init__()
@@ -493,11 +479,9 @@ def vocabulary_logits_(base, hyper_logits, invalid, canon=None):
     or non-canonical code -inf.
     """
     if canon is not None:
-        # The children of the current match (installed entries that extend it by one base id):
-        # the greedy encoder would have kept matching into them, so their last base ids cannot
-        # start the next code, and nor can any hypertoken that starts with one of those base ids.
-        # The ban is built in the logits' dtype: 0, or -inf at a child. (Not as log(0/1): CUDA
-        # autocast runs log in fp32, and scatter_add_ wants the logits' dtype.)
+        # No code may start with a child of the match (DESIGN.md 2.1): -inf at the children's last
+        # base ids, then at each hypertoken that starts with one. The ban is built in the logits'
+        # dtype, not as log(0/1): CUDA autocast runs log in fp32, and scatter_add_ wants the logits'.
         child = canon.parent == canon.match[..., None]                          # (..., K + 1)
         ban = base.new_zeros(()).masked_fill(child, float("-inf"))             # (..., K + 1)
         base.scatter_add_(-1, canon.last, ban)                                 # -inf at those base ids
@@ -719,11 +703,8 @@ class GPT(nn.Module):
         return token_nll(logits, target).sum() / (target >= 0).sum().clamp(min=1)
 
     # -------------------------------------------------------------------------
-    # The prefix NLL (DESIGN.md 2.2), which training's evaluation reports. A model writes on past
-    # any text, so the likelihood of a text is the probability that the model's base tokens *start
-    # with* it: at the text's last code, every valid code that spells the rest and may run past it
-    # counts. evals/likelihood.py builds conditional likelihoods on it; evals/multiview.py sums it
-    # over segmentations.
+    # The prefix NLL (DESIGN.md 2.2), which training's evaluation reports: P(the model's text starts
+    # with this one). evals/ builds conditional likelihoods and multi-view sums on it.
 
     def last_code_choices(self, codes):
         """The codes that may stand at the last position of `codes` when their text goes on: every

@@ -216,6 +216,13 @@ class StaticStepper:
         self._run(parts)
 
 
+def copy_lzw(lzw):
+    """An independent copy of an LZW state (its entries are tuples: shared safely)."""
+    new = copy.copy(lzw)
+    new.entries, new.parents, new.edges = list(lzw.entries), list(lzw.parents), dict(lzw.edges)
+    return new
+
+
 def gather_rows(parts):
     """A new (eager) StaticStepper of the rows (stepper, row) in `parts`, in order (the beam of
     multiview.prefix_nlls, whose paths branch from the rows of earlier steps)."""
@@ -232,7 +239,7 @@ def gather_rows(parts):
         new.state["table_out"] = new.state["table_in"]
     new.state["rows"] = torch.arange(len(parts), device=d0.model.device)[:, None]
     new.rows = [list(d.rows[r]) for d, r in parts]
-    new.lzw = [d.lzw[r].copy() for d, r in parts]
+    new.lzw = [copy_lzw(d.lzw[r]) for d, r in parts]
     new.filled = [d.filled[r] for d, r in parts]
     new.logits = torch.cat([d.logits[r:r + 1] for d, r in parts])
     return new

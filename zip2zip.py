@@ -36,22 +36,13 @@ import torch
 import torch.nn as nn
 from torch.nn import functional as F
 
-from data.common import gpt2_bpe
+from data.common import gpt2_bpe, token_byte_lengths
 from lib.checks import as_ids, base_ids, check_config, check_targets, prompt_rows
 
 # -----------------------------------------------------------------------------
-# LZW codec
-#
-# One state machine serves the encoder and the decoder: the decoder pushes the base tokens of
-# each code it reads into an encoder, and the encoder's codebook *is* the decoder's codebook.
-#
-# Example (V=100, C=64, M=4): [7,7,7,7,7,7,7,7] -> [7, 100, 101, 100]
-#   7 -> new entry 100:[7,7], emit 7      | 7,7 -> match 100
-#   7 -> new entry 101:[7,7,7], emit 100  | 7,7 -> match 100, then 7,7,7 -> match 101
-#   7 -> new entry 102:[7,7,7,7], emit 101| 7,7 -> end of input, emit 100
-# The decoder reads 101 before it has seen 7,7,7 as an entry: it was made one token earlier, by
-# the encoder, from the match plus its own first token (the classic "KwKwK" case, the "pending"
-# id below).
+# LZW codec (DESIGN.md 1, with worked examples). One state machine serves the encoder and the
+# decoder: the decoder feeds the base tokens of each code it reads into an encoder, whose
+# codebook *is* the decoder's codebook (DESIGN.md 1.1: the "pending" id, KwKwK, is why).
 
 
 class LZW:
@@ -126,21 +117,10 @@ class LZW:
     def n_entries(self):
         return len(self.entries)
 
-    def copy(self):
-        """An independent copy of this state (entries are tuples: shared safely)."""
-        new = LZW.__new__(LZW)
-        new.__dict__.update(self.__dict__, entries=list(self.entries), parents=list(self.parents),
-                            edges=dict(self.edges))
-        return new
-
     def pending(self):
-        """Content of the pending id V + n_entries, or None when the next code cannot be it.
-
-        The encoder may use an entry the moment it creates it: that entry is the current match
-        plus its own first token (KwKwK). It is only possible when there is a match, the
-        codebook has room, and that extension is not an entry already. (The match is always
-        shorter than M here: a match of length M was emitted at once.)
-        """
+        """Content of the pending id V + n_entries (DESIGN.md 1.1: the match plus its own first
+        token), or None when the next code cannot be it. (The match is always shorter than M
+        here: a match of length M was emitted at once.)"""
         if self.buf < 0 or len(self.entries) >= self.C:
             return None
         match = self.content(self.buf)
@@ -178,18 +158,6 @@ class LZW:
         where = "" if position is None else f" at position {position}"
         raise ValueError(f"invalid code {code}{where}: expected a base id < {self.V}, an installed "
                          f"hypertoken < {self.V + n}, or the pending id {self.V + n} when one exists")
-
-    def trace(self, codes):
-        """Decode codes; after each, record the number of installed entries, the id of the current
-        match (-1: none) and the pending content (pending(); None when there is no pending id).
-        What the model needs at every position of a row (hyper_batch)."""
-        n_after, match_after, pending_after, sink = [], [], [], []
-        for t, code in enumerate(codes):
-            self.feed(self.resolve(code, t) if code >= self.V else (code,), sink)
-            n_after.append(len(self.entries))
-            match_after.append(self.buf)
-            pending_after.append(self.pending())
-        return n_after, match_after, pending_after
 
     def push(self, code, position=None):
         """Decoder step: read one code. Returns (its base ids, the ids of the entries it installed)."""
@@ -241,9 +209,7 @@ class Tokenizer:
         self.eot = self.bpe.eot_token
         self.max_subtokens, self.max_codebook_size = max_subtokens, max_codebook_size
         self.token_bytes = [self.bpe.decode_single_token_bytes(i) for i in range(self.vocab_size)]
-        # UTF-8 bytes of text per base id; <|endoftext|> is a separator, not text: 0 bytes
-        self.byte_lengths = np.array([len(b) for b in self.token_bytes], dtype=np.int64)
-        self.byte_lengths[self.eot] = 0
+        self.byte_lengths = token_byte_lengths(self.bpe)   # UTF-8 bytes per base id (<|endoftext|>: 0)
         disabled = {self.eot}
         if no_digit_merges:
             disabled |= {i for i, b in enumerate(self.token_bytes) if any(48 <= c <= 57 for c in b)}
@@ -274,12 +240,10 @@ class Tokenizer:
         return int(self.byte_lengths[np.asarray(ids, dtype=np.int64)].sum())
 
 # -----------------------------------------------------------------------------
-# What the model needs to know about each row's codebook, position by position
-#
-# The codebook of a row is a function of the row's codes: decode them and record, after each
-# position t, how many entries are installed (n_t), the encoder's current match and the pending
-# content (if any). The hyper-encoder output depends only on an entry's base ids, so contents
-# are deduplicated across the whole batch and encoded once. Example (V=100, M=4), row [7, 100]:
+# The hyper-batch: each row's codebook, position by position. Decode the row and record after each
+# code t the entries installed (n_t), the encoder's current match and the pending content (if any).
+# An entry's hyper-embedding depends only on its base ids, so contents are deduplicated across the
+# batch and encoded once. Example (V=100, M=4), row [7, 100]:
 #   after 7: n=0, match 7, pending (7,7) | after 100: n=1 (100=[7,7]), match 100, pending (7,7,7)
 #   contents [(7,7), (7,7,7)]; entry_index[0] = [0]; nodes[0] = [(7, 7, 7)]; pending_index[0] = [0, 1]
 
@@ -298,10 +262,7 @@ class HyperBatch:
     pending_index: "torch.Tensor"  # (B, T) int64: index in contents of the pending content after t; -1: none
 
     def to(self, device):
-        """On `device`; through pinned memory to a GPU, so that the copies are asynchronous."""
-        cuda = torch.device(device).type == "cuda"
-        return HyperBatch(*((getattr(self, f.name).pin_memory() if cuda else getattr(self, f.name))
-                            .to(device, non_blocking=cuda) for f in fields(self)))
+        return HyperBatch(*(getattr(self, f.name).to(device) for f in fields(self)))
 
 
 def pad_contents(contents, M):
@@ -312,24 +273,22 @@ def pad_contents(contents, M):
 
 def hyper_batch(rows, vocab_size, max_codebook_size, max_subtokens, disabled_ids=()):
     """Decode each row of codes (a list of lists, all of length T) into a HyperBatch."""
-    index, contents = {}, []               # content -> its index in `contents`
-
-    def content_id(c):
-        if c not in index:
-            index[c] = len(contents)
-            contents.append(c)
-        return index[c]
-
+    index = {}                             # content -> its index in contents, in order of first use
+    content_id = lambda c: index.setdefault(c, len(index))
     entry_index, nodes, n_installed, matches, pending_index = [], [], [], [], []
     for row in rows:
-        lzw = LZW(vocab_size, max_codebook_size, max_subtokens, disabled_ids)
-        n_row, match, pending = lzw.trace(row)
+        lzw, n_row, match, pending = LZW(vocab_size, max_codebook_size, max_subtokens, disabled_ids), [], [], []
+        for t, code in enumerate(row):     # decode; after each code, record what the reader knows
+            lzw.feed(lzw.resolve(code, t) if code >= vocab_size else (code,), [])
+            n_row.append(lzw.n_entries)
+            match.append(lzw.buf)          # the current match's id; -1: none
+            pending.append(lzw.pending())  # the pending content; None: no pending id
         entry_index.append([content_id(e) for e in lzw.entries])
         nodes.append(lzw.nodes(range(lzw.n_entries)))
         n_installed.append(n_row)
         matches.append(match)
         pending_index.append([-1 if p is None else content_id(p) for p in pending])
-    K, M, B = max((len(e) for e in entry_index), default=0), max_subtokens, len(rows)
+    contents, K, M, B = list(index), max((len(e) for e in entry_index), default=0), max_subtokens, len(rows)
     tensor = lambda a, *shape: torch.from_numpy(np.array(a, dtype=np.int64).reshape(shape))
     return HyperBatch(
         contents=tensor(pad_contents(contents, M), -1, M),
@@ -437,17 +396,11 @@ def embed_slots(contents, lengths, wte, slot_pos):
 
 
 class HyperEncoder(nn.Module):
-    """Embeds a hypertoken from the embeddings of its base tokens (config.hyper_encoder):
-
-    - "transformer": a small bidirectional transformer over the M slots (pads masked), narrower
-      than the model (it runs on about one new entry at every decoding step, so its weights
-      must be cheap to read), then a masked mean over the slots;
-    - "mlp": an MLP over the M slot embeddings laid side by side (pads are exactly 0);
-    - "mean": the mean of the base embeddings, nothing learned (the paper's weaker baseline).
-    The first two add a zero-initialised projection to that mean: at initialisation a hypertoken
-    is exactly the mean of its base embeddings, a sensible point to start from (a random
-    encoder's output can be tens of times the norm of a token embedding).
-    """
+    """Embeds a hypertoken from the embeddings of its base tokens (config.hyper_encoder, DESIGN.md 3):
+    "transformer", a small bidirectional transformer over the M slots (pads masked), narrow for it
+    runs on about one new entry per decoding step; "mlp", an MLP over the M slot embeddings side by
+    side (pads are exactly 0); "mean", the mean of the base embeddings (the paper's baseline). The
+    first two add a zero-initialised projection to that mean: a new model starts at the mean."""
 
     def __init__(self, config):
         super().__init__()
@@ -526,11 +479,9 @@ def vocabulary_logits_(base, hyper_logits, invalid, canon=None):
     or non-canonical code -inf.
     """
     if canon is not None:
-        # The children of the current match (installed entries that extend it by one base id):
-        # the greedy encoder would have kept matching into them, so their last base ids cannot
-        # start the next code, and nor can any hypertoken that starts with one of those base ids.
-        # The ban is built in the logits' dtype: 0, or -inf at a child. (Not as log(0/1): CUDA
-        # autocast runs log in fp32, and scatter_add_ wants the logits' dtype.)
+        # No code may start with a child of the match (DESIGN.md 2.1): -inf at the children's last
+        # base ids, then at each hypertoken that starts with one. The ban is built in the logits'
+        # dtype, not as log(0/1): CUDA autocast runs log in fp32, and scatter_add_ wants the logits'.
         child = canon.parent == canon.match[..., None]                          # (..., K + 1)
         ban = base.new_zeros(()).masked_fill(child, float("-inf"))             # (..., K + 1)
         base.scatter_add_(-1, canon.last, ban)                                 # -inf at those base ids
@@ -752,11 +703,8 @@ class GPT(nn.Module):
         return token_nll(logits, target).sum() / (target >= 0).sum().clamp(min=1)
 
     # -------------------------------------------------------------------------
-    # The prefix NLL (DESIGN.md 2.2), which training's evaluation reports. A model writes on past
-    # any text, so the likelihood of a text is the probability that the model's base tokens *start
-    # with* it: at the text's last code, every valid code that spells the rest and may run past it
-    # counts. evals/likelihood.py builds conditional likelihoods on it; evals/multiview.py sums it
-    # over segmentations.
+    # The prefix NLL (DESIGN.md 2.2), which training's evaluation reports: P(the model's text starts
+    # with this one). evals/ builds conditional likelihoods and multi-view sums on it.
 
     def last_code_choices(self, codes):
         """The codes that may stand at the last position of `codes` when their text goes on: every

@@ -256,7 +256,7 @@ def to_device(x, y, hyper, device):
     asynchronous: the GPU keeps computing while they run. Every HyperBatch field goes."""
     pin = str(device).startswith("cuda")
     move = lambda t: (t.pin_memory() if pin else t).to(device, non_blocking=True)
-    return move(x), move(y), hyper and hyper.to(device)      # (HyperBatch.to pins the same way)
+    return move(x), move(y), hyper and HyperBatch(**{f: move(getattr(hyper, f)) for f in HYPER_FIELDS})
 
 
 def _malloc_trim():

@@ -1,6 +1,8 @@
 """Brute-force references the tests compare the model against: every code stream of a text,
 enumerated without the beam or the KV cache, and a stream's log-probability by one teacher-forced
 forward pass."""
+import copy
+
 import torch
 import torch.nn.functional as F
 
@@ -26,7 +28,7 @@ def code_streams(ids, vocab_size, max_codebook_size, max_subtokens, disabled_ids
             if prefix and p + len(content) >= len(ids):
                 out.append(codes + [x])
             else:
-                nxt = lzw.copy()
+                nxt = copy.deepcopy(lzw)
                 nxt.push(x)
                 extend(nxt, p + len(content), codes + [x])
     lzw = z.LZW(vocab_size, max_codebook_size, max_subtokens, disabled_ids)

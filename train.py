@@ -216,18 +216,11 @@ def configure_optimizer(model, cfg, device_type):
 
 @torch.no_grad()
 def estimate_loss(model, windows, batch_size, ctx, rank=0, world=1, static=False, beam=0):
-    """Loss per code, bits per byte and codes per base token on the fixed validation windows; with
-    beam > 0 also the multi-view bits per byte (bpb_multiview: the windows' base tokens scored over
-    every segmentation the beam finds, multiview.marginal_nll).
-
-    Rows are scored in batches: x padded with EOT (a valid code), targets with -1 (ignored).
-    static: every batch is padded to (batch_size, block_size), pad rows all EOT with no targets, so
-    that a compiled model sees training's shapes and compiles nothing new (the same numbers, for
-    the price of computing the padding).
-    bpb = NLL that the model's text starts with the window's (DESIGN.md 2.2: every code after the
-    leading EOT, the last one summed over the codes that may stand there) / (ln 2 * bytes of the
-    window's text).
-    """
+    """Loss per code, bits per byte (DESIGN.md 4: the prefix NLL of each window's text, 2.2) and codes
+    per base token on the fixed validation windows; beam > 0 adds bpb_multiview, the text scored over
+    every segmentation the beam finds (multiview.marginal_nll). Rows are padded: x with EOT (a valid
+    code), targets with -1 (ignored). static: every batch is (batch_size, block_size), so that a
+    compiled model sees training's shapes and compiles nothing new (the same numbers)."""
     c, device = model.config, model.device
     model.eval()
     total = torch.zeros(5, dtype=torch.float64, device=device)   # nll (nats), codes, base tokens, bytes, multi-view nll
@@ -301,32 +294,16 @@ def setup(argv, held):
     with cli.one_line_errors():   # OSError too: GPT-2's ranks missing or damaged
         cfg = read_config(argv, env.cuda, env.world)
         env.writes = env.master and not cfg.eval_only    # rank 0 writes out_dir, and holds it until the end
-        if env.writes and (cfg.init_from != "resume" or os.path.isdir(cfg.out_dir)):
-            held.enter_context(outdir.lock(cfg.out_dir))
-        env.resumed = None
-        if cfg.init_from == "resume":   # the run's own settings, with the command line on top
-            cfg, env.resumed = outdir.resume_settings(cfg, argv, MODEL_FIELDS + FIXED)
+        cfg, env.resumed = outdir.claim(cfg, argv, MODEL_FIELDS + FIXED, env.writes, held)   # locked, resumed
+        if env.resumed:
             check_config(cfg, env.world)
         env.ckpt, env.ckpt_path = env.resumed and env.resumed[1], os.path.join(cfg.out_dir, "ckpt.pt")
-        if env.writes and not env.ckpt and os.path.exists(env.ckpt_path) and not cfg.overwrite:
-            raise ValueError(f"{env.ckpt_path} exists: continue it with --init_from=resume, choose another "
-                             f"--out_dir, or replace it with --overwrite=True")
         env.tokenizer = zip2zip.Tokenizer(cfg.max_subtokens, cfg.max_codebook_size, cfg.no_digit_merges)
     env.cfg = cfg
     if env.master and not env.cuda and cfg.init_from != "resume":
         print("no CUDA here: the CPU preset config/cpu.py applies first" +
               (f"; it trains for at most {hms(cfg.max_seconds)} (h:mm:ss)" if cfg.max_seconds > 0 else ""))
-    env.device = cli.device(cfg.device)
-    if env.ddp:   # as --device says: one GPU per process (NCCL), or the CPU (gloo)
-        env.device = ddp.start(env.device, env.local_rank, env.local_world)
-    if cfg.threads:
-        torch.set_num_threads(cfg.threads)
-    # each rank's share of the step's micro-batches; with more ranks than micro-batches, one each
-    # (the step grows: the "codes per step" line says by how much), so that one command runs on 1 to 8 GPUs
-    env.accum = max(1, cfg.gradient_accumulation_steps // env.world)
-    env.device_type = "cuda" if env.device.startswith("cuda") else "cpu"
-    env.dtype, env.ctx = cli.autocast(cfg.dtype, env.device)
-    torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = True
+    ddp.place(env, cfg)     # the device, joined with the other ranks; dtype and autocast; accum
     env.mconf = model_config(cfg, env.tokenizer)
     return env
 

@@ -177,3 +177,20 @@ def resume_settings(cfg, argv, fixed):
     if changed:
         raise ValueError(f"cannot change on resume: {', '.join(changed)}")
     return new, resumed
+
+
+def claim(cfg, argv, fixed, writes, held):
+    """(the run's settings, (model, checkpoint) when resumed, else None). A process that writes
+    locks out_dir for as long as `held` lasts; a resumed run takes its saved settings, argv on top
+    (resume_settings); a new run refuses to replace a ckpt.pt unless --overwrite=True. ValueError
+    says which of these stands in the way."""
+    if writes and (cfg.init_from != "resume" or os.path.isdir(cfg.out_dir)):
+        held.enter_context(lock(cfg.out_dir))
+    resumed = None
+    if cfg.init_from == "resume":   # the run's own settings, with the command line on top
+        cfg, resumed = resume_settings(cfg, argv, fixed)
+    path = os.path.join(cfg.out_dir, "ckpt.pt")
+    if writes and not resumed and os.path.exists(path) and not cfg.overwrite:
+        raise ValueError(f"{path} exists: continue it with --init_from=resume, choose another "
+                         f"--out_dir, or replace it with --overwrite=True")
+    return cfg, resumed

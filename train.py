@@ -393,8 +393,7 @@ def evaluate(env, run, windows):
 def train(env, run, train_path, windows, held):
     """Step until max_iters, max_seconds, eval_only or Ctrl-C; evaluate every eval_interval
     steps and at the end. Returns the Meter of the steps taken."""
-    cfg, device, accum, world = env.cfg, env.device, env.accum, env.world
-    model, optimizer, scaler = run.model, run.optimizer, run.scaler
+    cfg, device, accum = env.cfg, env.device, env.accum
     job = dict(first=run.iter_num * accum, accum=accum, seed=cfg.seed, rank=env.rank, batch_size=cfg.batch_size,
                mconf=env.mconf, byte_lengths=env.tokenizer.byte_lengths)
     run.interrupt = outdir.Interrupt(env.ddp)       # Ctrl-C: stop after the current step, and save it
@@ -419,7 +418,7 @@ def train(env, run, train_path, windows, held):
         if run.stop:
             break
         lr = get_lr(cfg, run.iter_num, run.train_seconds)
-        for group in optimizer.param_groups:
+        for group in run.optimizer.param_groups:
             group["lr"] = lr
         done = run.iter_num >= cfg.max_iters or 0 < cfg.max_seconds <= run.train_seconds
         if run.iter_num % cfg.eval_interval == 0 or done or cfg.eval_only:
@@ -427,21 +426,7 @@ def train(env, run, train_path, windows, held):
         if done or cfg.eval_only:
             break
         t0, c0 = time.perf_counter(), time.process_time()
-        for micro in range(accum):
-            x, y, hyper, n_bytes, n_codes, flops = batch
-            if env.ddp:   # sync gradients on the last micro-step only
-                model.require_backward_grad_sync = micro == accum - 1
-            # dropout and the reconstruction subsample are a function of the step, like the data
-            torch.manual_seed(int(step_rng(cfg.seed, env.rank, run.iter_num, micro, 1).integers(2**62)))
-            with env.ctx:
-                _, loss, parts = model(x, y, hyper=hyper, with_parts=True)
-                loss = loss / accum
-            batch = next_batch()            # built in the background meanwhile
-            scaler.scale(loss).backward()
-            meter.add(codes=n_codes * world, bytes=n_bytes * world, flops=flops)
-            for k in losses:
-                losses[k] += parts.get(k, torch.zeros(())) / accum
-        optimizer_step(cfg, model, optimizer, scaler)
+        batch = train_step(env, run, batch, next_batch, meter, losses)
         loader.release_freed_memory()
         run.iter_num += 1
         logged = run.iter_num % cfg.log_interval == 0 or run.iter_num == run.start_iter + 1
@@ -451,33 +436,36 @@ def train(env, run, train_path, windows, held):
         run.train_seconds += dt
         meter.add(seconds=dt, cpu=time.process_time() - c0)
         if logged:
-            log_progress(env, run, losses, lr, dt, meter, batches)
+            report.progress(env, run, losses, lr, dt, meter, batches, time.perf_counter())
             losses = {k: 0.0 for k in losses}
     return meter
 
 
-def optimizer_step(cfg, model, optimizer, scaler):
-    """Clip the gradient norm (unscaled first: float16's loss scale), step, and clear the gradients."""
+def train_step(env, run, batch, next_batch, meter, losses):
+    """One optimizer step: accum micro-steps (forward, backward, each loss added to `losses`), the
+    gradient norm clipped, the step taken, the gradients cleared. Returns the next step's first batch."""
+    cfg, model, optimizer, scaler, accum = env.cfg, run.model, run.optimizer, run.scaler, env.accum
+    for micro in range(accum):
+        x, y, hyper, n_bytes, n_codes, flops = batch
+        if env.ddp:   # sync gradients on the last micro-step only
+            model.require_backward_grad_sync = micro == accum - 1
+        # dropout and the reconstruction subsample are a function of the step, like the data
+        torch.manual_seed(int(step_rng(cfg.seed, env.rank, run.iter_num, micro, 1).integers(2**62)))
+        with env.ctx:
+            _, loss, parts = model(x, y, hyper=hyper, with_parts=True)
+            loss = loss / accum
+        batch = next_batch()            # built in the background meanwhile
+        scaler.scale(loss).backward()
+        meter.add(codes=n_codes * env.world, bytes=n_bytes * env.world, flops=flops)
+        for k in losses:
+            losses[k] += parts.get(k, torch.zeros(())) / accum
     if cfg.grad_clip > 0:
-        scaler.unscale_(optimizer)
+        scaler.unscale_(optimizer)      # first: the norm is the true gradient's, not float16's scaled one
         torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip)
     scaler.step(optimizer)
     scaler.update()
     optimizer.zero_grad(set_to_none=True)
-
-
-def log_progress(env, run, losses, lr, dt, meter, batches):
-    """The mean losses since the last log line into the log; on rank 0 a line with speed and ETA."""
-    cfg, it = env.cfg, run.iter_num
-    n = it - (run.history[-1][0] if run.history else run.start_iter)
-    lm, recon = (float(losses[k]) / n for k in ("lm", "recon"))
-    if not math.isfinite(lm):   # training data is canonical: no target may ever be masked
-        raise SystemExit(f"error: step {it}: the training loss is {lm}: a target lies outside the "
-                         f"model's output vocabulary (masked -inf); the batches are not the model's own codes")
-    run.history.append((it, lm, recon))
-    run.log["train"].append({"iter": it, "train_seconds": run.train_seconds, "loss": lm, "recon": recon})
-    if env.master:
-        report.progress(env, run, lm, recon, lr, dt, meter, batches, time.perf_counter())
+    return batch
 
 
 # -------------------------------------------------------------------------- the end: summary, sample

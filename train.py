@@ -31,7 +31,6 @@ What differs from nanoGPT's train.py:
 
 import math
 import os
-import re
 import sys
 import time
 from contextlib import ExitStack, closing
@@ -46,9 +45,9 @@ import kernels
 import zip2zip
 from evals import multiview
 from lib import adapt, cli, ddp, loader, outdir, report
-from lib.loader import EOT, build_batch, eval_windows
+from lib.loader import EOT, build_batch
 from lib.meter import Meter, flops_per_batch, hms, sync
-from zip2zip import GPT, GPTConfig
+from zip2zip import GPTConfig
 
 REPO = os.path.dirname(os.path.abspath(__file__))
 
@@ -115,14 +114,11 @@ class TrainConfig(ModelSettings):
 
 
 def model_config(cfg, tokenizer=None):
-    """The GPTConfig of the settings (with the tokenizer's vocabulary, if given); its own checks
-    run, and their ValueError names the flags: `n_head=3` becomes `--n_head=3`."""
+    """The GPTConfig of the settings (with the tokenizer's vocabulary, if given), checked by
+    GPTConfig itself: its ValueError names the flags (`n_head=3` becomes `--n_head=3`)."""
     extra = {} if tokenizer is None else \
         dict(vocab_size=tokenizer.vocab_size, disabled_ids=tuple(sorted(tokenizer.disabled_ids)))
-    try:
-        return GPTConfig(**{k: getattr(cfg, k) for k in MODEL_FIELDS}, **extra)
-    except ValueError as e:
-        raise ValueError(re.sub(rf"(?<![\w-])({'|'.join(MODEL_FIELDS)})\b", r"--\1", str(e))) from None
+    return cli.config_of(GPTConfig, cfg, MODEL_FIELDS, **extra)
 
 
 def check_config(cfg, world):
@@ -180,25 +176,6 @@ def get_batch(data, job, j):
     # block_size + 1 codes cover at most M * (block_size + 1) base ids: a window never runs out
     starts = rng.integers(0, len(data) - c.max_subtokens * (c.block_size + 1) + 1, size=job["batch_size"])
     return build_batch(data, starts, c.block_size, c, job["byte_lengths"])
-
-
-# -----------------------------------------------------------------------------
-# Model: from scratch, from a checkpoint (resume or adapt), or from GPT-2; LoRA (lib/adapt.py)
-
-
-def make_model(cfg, mconf, resumed=None):
-    """(the model on the CPU, as init_from says, with LoRA adapters when lora_rank > 0; the run's
-    settings). Adapting takes the source's architecture (the settings returned are a copy that
-    holds it) and checks that every base weight loaded."""
-    if cfg.init_from == "resume":
-        model, ckpt = resumed
-        if cfg.lora_rank:   # the checkpoint holds the weights with the adapters folded in
-            adapt.unfold_lora(model, ckpt.get("lora"), cfg.lora_rank, cfg.lora_alpha, cfg.out_dir)
-        return model, cfg
-    model, cfg = (GPT(mconf), cfg) if cfg.init_from == "scratch" else adapt.adapted_model(cfg, mconf)
-    if cfg.lora_rank:
-        adapt.add_lora(model, cfg.lora_rank, cfg.lora_alpha)
-    return model, cfg
 
 
 # -----------------------------------------------------------------------------
@@ -277,14 +254,14 @@ def main(argv=None):
     """Train as the settings say; returns the figures tests and evals/reproduce.py read."""
     argv = sys.argv[1:] if argv is None else list(argv)
     with ExitStack() as held:   # released however main ends: the out_dir lock, Ctrl-C's handler, the workers
-        env = setup(argv, held)                          # settings, processes, device, the out_dir
-        train_path, windows = load_data(env)             # the data, checked; the fixed validation windows
-        run = build_model(env)                           # model, optimizer, the step reached
+        env = setup(argv, held)                              # settings, processes, device, the out_dir
+        train_path, windows = loader.open_data(env, REPO)    # the data, checked; the fixed validation windows
+        run = build_model(env)                               # model, optimizer, the step reached
         meter = train(env, run, train_path, windows, held)   # the loop, evaluating and saving
-        return finish(env, run, meter)                   # summary, sample
+        return finish(env, run, meter)                       # summary, sample
 
 
-# -------------------------------------------------------------------------- setup
+# -------------------------------------------------------------------------- setup; the model (lib/adapt.make_model)
 
 
 def setup(argv, held):
@@ -308,27 +285,13 @@ def setup(argv, held):
     return env
 
 
-def load_data(env):
-    """(train.bin's path, the validation windows), prepared first if a shipped dataset is missing."""
-    cfg = env.cfg
-    folder = loader.data_folder(cfg.dataset, REPO, prepare=env.master)
-    if env.ddp:
-        torch.distributed.barrier()
-    with cli.one_line_errors():
-        train_path, val_path = loader.data_files(cfg.dataset, folder, cfg.block_size, cfg.max_subtokens,
-                                                 env.mconf.vocab_size)
-        windows = eval_windows(np.memmap(val_path, dtype=np.uint16, mode="r"), cfg.eval_windows,
-                               cfg.block_size, env.mconf, env.tokenizer.byte_lengths)
-    return train_path, windows
-
-
 def build_model(env):
     """The run's state: the model on the device (raw_model; model: compiled blocks, DDP), its
     optimizer and scaler, the step reached, the best validation loss, the log."""
     cfg, ckpt = env.cfg, env.ckpt
     torch.manual_seed(cfg.seed)
     with cli.one_line_errors():
-        model, cfg = make_model(cfg, env.mconf, env.resumed)
+        model, cfg = adapt.make_model(cfg, env.mconf, env.resumed)   # scratch, resume, adapt; LoRA
     if model.config.has_hypertokens and (model.config.recon_lambda == 0 or model.config.recon_max_entries == 0):
         model.recon.requires_grad_(False)   # unused: DDP would wait for its gradient
     run = SimpleNamespace(raw_model=model.to(env.device), metrics=None, history=[], stop=False, eval_seconds=0.0,
@@ -336,10 +299,7 @@ def build_model(env):
     env.cfg, env.mconf = cfg, model.config  # adapting takes the source's architecture
     if env.device_type == "cuda":
         kernels.use_kernels(model)          # the fused embedding lookups
-    run.iter_num, run.train_seconds, run.best_val_loss = \
-        (ckpt[k] for k in ("iter_num", "train_seconds", "best_val_loss")) if ckpt else (0, 0.0, float("inf"))
-    run.start_iter = run.saved_iter = run.iter_num
-    run.log = {"config": asdict(cfg), **(outdir.read_log(cfg.out_dir, run.iter_num) if ckpt else {"evals": [], "train": []})}
+    outdir.restore(run, ckpt, cfg)      # the step reached, its time, the best loss, the log (or a new run's)
     if env.master:
         report.model(env, model)            # parameters (trained), M, C, codes per step, device, dtype
     run.optimizer = configure_optimizer(model, cfg, env.device_type)
@@ -387,7 +347,7 @@ def evaluate(env, run, windows):
     run.eval_seconds += run.last_eval
 
 
-# -------------------------------------------------------------------------- the loop
+# -------------------------------------------------------------------------- the loop, and the end: summary, sample
 
 
 def train(env, run, train_path, windows, held):
@@ -468,9 +428,6 @@ def train_step(env, run, batch, next_batch, meter, losses):
     return batch
 
 
-# -------------------------------------------------------------------------- the end: summary, sample
-
-
 def finish(env, run, meter):
     """Save an interrupted run, say what was done, write a sample; the figures main returns."""
     if env.writes and run.stop:
@@ -483,10 +440,7 @@ def finish(env, run, meter):
         torch.distributed.destroy_process_group()
     if run.stop:
         raise SystemExit(130)           # interrupted: not a success (the shell's code for Ctrl-C)
-    total = meter.total
-    return {"history": run.history, "val": run.metrics, "iter_num": run.iter_num, "train_seconds": run.train_seconds,
-            "codes_per_s": total["codes"] / max(total["seconds"], 1e-9),
-            "bytes_per_s": total["bytes"] / max(total["seconds"], 1e-9), "cpu_seconds": total["cpu"]}
+    return report.figures(run, meter)
 
 
 if __name__ == "__main__":

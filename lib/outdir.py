@@ -11,6 +11,7 @@ previous version whole; a reader never sees half a file. Ctrl-C stops a run afte
 step, which train.py then saves; resume_command is how to go on.
 """
 
+import dataclasses
 import json
 import os
 import shlex
@@ -118,6 +119,16 @@ def read_log(out_dir, upto):
     except (OSError, ValueError):   # none yet, or unreadable: start a new one
         return {"evals": [], "train": []}
     return {k: [e for e in log.get(k, []) if e["iter"] <= upto] for k in ("evals", "train")}
+
+
+def restore(run, ckpt, cfg):
+    """Set the counters of a run (iter_num, start_iter, saved_iter, train_seconds, best_val_loss)
+    and its log: a resumed run's from its checkpoint and log.json (ckpt), a new run's from zero."""
+    run.iter_num, run.train_seconds, run.best_val_loss = \
+        (ckpt[k] for k in ("iter_num", "train_seconds", "best_val_loss")) if ckpt else (0, 0.0, float("inf"))
+    run.start_iter = run.saved_iter = run.iter_num
+    run.log = {"config": dataclasses.asdict(cfg),
+               **(read_log(cfg.out_dir, run.iter_num) if ckpt else {"evals": [], "train": []})}
 
 
 def write_log(out_dir, log):

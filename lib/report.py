@@ -1,7 +1,7 @@
 """
 What train.py prints: the model it trains, the lines of the logged steps (losses, speed, time
-elapsed and to the end, with the losses kept in the log) and of the evaluations, and, when a run ends, what was done and how to go
-on, then a sample.
+elapsed and to the end; the losses also go into the log) and of the evaluations, and, when a run
+ends, what was done and how to go on, then a sample; and the figures train.main returns.
 README.md ("What you see") and docs/running.md explain the fields.
 """
 
@@ -103,3 +103,12 @@ def sample(env, run):
                                  compile=cfg.compile)[0]
     print(f"sample ({cfg.sample_tokens} codes):")
     print(cli.show(env.tokenizer, codes[1:], color=sys.stdout.isatty()))
+
+
+def figures(run, meter):
+    """What train.main returns, for tests and evals/reproduce.py: the curve, the last evaluation,
+    the step reached, the training time, and the speed of this process's steps."""
+    total = meter.total
+    return {"history": run.history, "val": run.metrics, "iter_num": run.iter_num, "train_seconds": run.train_seconds,
+            "codes_per_s": total["codes"] / max(total["seconds"], 1e-9),
+            "bytes_per_s": total["bytes"] / max(total["seconds"], 1e-9), "cpu_seconds": total["cpu"]}

@@ -31,7 +31,6 @@ What differs from nanoGPT's train.py:
 
 import math
 import os
-import re
 import sys
 import time
 from contextlib import ExitStack, closing
@@ -46,9 +45,9 @@ import kernels
 import zip2zip
 from evals import multiview
 from lib import adapt, cli, ddp, loader, outdir, report
-from lib.loader import EOT, build_batch, eval_windows
+from lib.loader import EOT, build_batch
 from lib.meter import Meter, flops_per_batch, hms, sync
-from zip2zip import GPT, GPTConfig
+from zip2zip import GPTConfig
 
 REPO = os.path.dirname(os.path.abspath(__file__))
 
@@ -115,14 +114,11 @@ class TrainConfig(ModelSettings):
 
 
 def model_config(cfg, tokenizer=None):
-    """The GPTConfig of the settings (with the tokenizer's vocabulary, if given); its own checks
-    run, and their ValueError names the flags: `n_head=3` becomes `--n_head=3`."""
+    """The GPTConfig of the settings (with the tokenizer's vocabulary, if given), checked by
+    GPTConfig itself: its ValueError names the flags (`n_head=3` becomes `--n_head=3`)."""
     extra = {} if tokenizer is None else \
         dict(vocab_size=tokenizer.vocab_size, disabled_ids=tuple(sorted(tokenizer.disabled_ids)))
-    try:
-        return GPTConfig(**{k: getattr(cfg, k) for k in MODEL_FIELDS}, **extra)
-    except ValueError as e:
-        raise ValueError(re.sub(rf"(?<![\w-])({'|'.join(MODEL_FIELDS)})\b", r"--\1", str(e))) from None
+    return cli.config_of(GPTConfig, cfg, MODEL_FIELDS, **extra)
 
 
 def check_config(cfg, world):
@@ -183,25 +179,6 @@ def get_batch(data, job, j):
 
 
 # -----------------------------------------------------------------------------
-# Model: from scratch, from a checkpoint (resume or adapt), or from GPT-2; LoRA (lib/adapt.py)
-
-
-def make_model(cfg, mconf, resumed=None):
-    """(the model on the CPU, as init_from says, with LoRA adapters when lora_rank > 0; the run's
-    settings). Adapting takes the source's architecture (the settings returned are a copy that
-    holds it) and checks that every base weight loaded."""
-    if cfg.init_from == "resume":
-        model, ckpt = resumed
-        if cfg.lora_rank:   # the checkpoint holds the weights with the adapters folded in
-            adapt.unfold_lora(model, ckpt.get("lora"), cfg.lora_rank, cfg.lora_alpha, cfg.out_dir)
-        return model, cfg
-    model, cfg = (GPT(mconf), cfg) if cfg.init_from == "scratch" else adapt.adapted_model(cfg, mconf)
-    if cfg.lora_rank:
-        adapt.add_lora(model, cfg.lora_rank, cfg.lora_alpha)
-    return model, cfg
-
-
-# -----------------------------------------------------------------------------
 # Optimizer, evaluation, learning-rate schedule
 
 
@@ -216,18 +193,11 @@ def configure_optimizer(model, cfg, device_type):
 
 @torch.no_grad()
 def estimate_loss(model, windows, batch_size, ctx, rank=0, world=1, static=False, beam=0):
-    """Loss per code, bits per byte and codes per base token on the fixed validation windows; with
-    beam > 0 also the multi-view bits per byte (bpb_multiview: the windows' base tokens scored over
-    every segmentation the beam finds, multiview.marginal_nll).
-
-    Rows are scored in batches: x padded with EOT (a valid code), targets with -1 (ignored).
-    static: every batch is padded to (batch_size, block_size), pad rows all EOT with no targets, so
-    that a compiled model sees training's shapes and compiles nothing new (the same numbers, for
-    the price of computing the padding).
-    bpb = NLL that the model's text starts with the window's (DESIGN.md 2.2: every code after the
-    leading EOT, the last one summed over the codes that may stand there) / (ln 2 * bytes of the
-    window's text).
-    """
+    """Loss per code, bits per byte (DESIGN.md 4: the prefix NLL of each window's text, 2.2) and codes
+    per base token on the fixed validation windows; beam > 0 adds bpb_multiview, the text scored over
+    every segmentation the beam finds (multiview.marginal_nll). Rows are padded: x with EOT (a valid
+    code), targets with -1 (ignored). static: every batch is (batch_size, block_size), so that a
+    compiled model sees training's shapes and compiles nothing new (the same numbers)."""
     c, device = model.config, model.device
     model.eval()
     total = torch.zeros(5, dtype=torch.float64, device=device)   # nll (nats), codes, base tokens, bytes, multi-view nll
@@ -284,14 +254,14 @@ def main(argv=None):
     """Train as the settings say; returns the figures tests and evals/reproduce.py read."""
     argv = sys.argv[1:] if argv is None else list(argv)
     with ExitStack() as held:   # released however main ends: the out_dir lock, Ctrl-C's handler, the workers
-        env = setup(argv, held)                          # settings, processes, device, the out_dir
-        train_path, windows = load_data(env)             # the data, checked; the fixed validation windows
-        run = build_model(env)                           # model, optimizer, the step reached
+        env = setup(argv, held)                              # settings, processes, device, the out_dir
+        train_path, windows = loader.open_data(env, REPO)    # the data, checked; the fixed validation windows
+        run = build_model(env)                               # model, optimizer, the step reached
         meter = train(env, run, train_path, windows, held)   # the loop, evaluating and saving
-        return finish(env, run, meter)                   # summary, sample
+        return finish(env, run, meter)                       # summary, sample
 
 
-# -------------------------------------------------------------------------- setup
+# -------------------------------------------------------------------------- setup; the model (lib/adapt.make_model)
 
 
 def setup(argv, held):
@@ -301,48 +271,18 @@ def setup(argv, held):
     with cli.one_line_errors():   # OSError too: GPT-2's ranks missing or damaged
         cfg = read_config(argv, env.cuda, env.world)
         env.writes = env.master and not cfg.eval_only    # rank 0 writes out_dir, and holds it until the end
-        if env.writes and (cfg.init_from != "resume" or os.path.isdir(cfg.out_dir)):
-            held.enter_context(outdir.lock(cfg.out_dir))
-        env.resumed = None
-        if cfg.init_from == "resume":   # the run's own settings, with the command line on top
-            cfg, env.resumed = outdir.resume_settings(cfg, argv, MODEL_FIELDS + FIXED)
+        cfg, env.resumed = outdir.claim(cfg, argv, MODEL_FIELDS + FIXED, env.writes, held)   # locked, resumed
+        if env.resumed:
             check_config(cfg, env.world)
         env.ckpt, env.ckpt_path = env.resumed and env.resumed[1], os.path.join(cfg.out_dir, "ckpt.pt")
-        if env.writes and not env.ckpt and os.path.exists(env.ckpt_path) and not cfg.overwrite:
-            raise ValueError(f"{env.ckpt_path} exists: continue it with --init_from=resume, choose another "
-                             f"--out_dir, or replace it with --overwrite=True")
         env.tokenizer = zip2zip.Tokenizer(cfg.max_subtokens, cfg.max_codebook_size, cfg.no_digit_merges)
     env.cfg = cfg
     if env.master and not env.cuda and cfg.init_from != "resume":
         print("no CUDA here: the CPU preset config/cpu.py applies first" +
               (f"; it trains for at most {hms(cfg.max_seconds)} (h:mm:ss)" if cfg.max_seconds > 0 else ""))
-    env.device = cli.device(cfg.device)
-    if env.ddp:   # as --device says: one GPU per process (NCCL), or the CPU (gloo)
-        env.device = ddp.start(env.device, env.local_rank, env.local_world)
-    if cfg.threads:
-        torch.set_num_threads(cfg.threads)
-    # each rank's share of the step's micro-batches; with more ranks than micro-batches, one each
-    # (the step grows: the "codes per step" line says by how much), so that one command runs on 1 to 8 GPUs
-    env.accum = max(1, cfg.gradient_accumulation_steps // env.world)
-    env.device_type = "cuda" if env.device.startswith("cuda") else "cpu"
-    env.dtype, env.ctx = cli.autocast(cfg.dtype, env.device)
-    torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = True
+    ddp.place(env, cfg)     # the device, joined with the other ranks; dtype and autocast; accum
     env.mconf = model_config(cfg, env.tokenizer)
     return env
-
-
-def load_data(env):
-    """(train.bin's path, the validation windows), prepared first if a shipped dataset is missing."""
-    cfg = env.cfg
-    folder = loader.data_folder(cfg.dataset, REPO, prepare=env.master)
-    if env.ddp:
-        torch.distributed.barrier()
-    with cli.one_line_errors():
-        train_path, val_path = loader.data_files(cfg.dataset, folder, cfg.block_size, cfg.max_subtokens,
-                                                 env.mconf.vocab_size)
-        windows = eval_windows(np.memmap(val_path, dtype=np.uint16, mode="r"), cfg.eval_windows,
-                               cfg.block_size, env.mconf, env.tokenizer.byte_lengths)
-    return train_path, windows
 
 
 def build_model(env):
@@ -351,7 +291,7 @@ def build_model(env):
     cfg, ckpt = env.cfg, env.ckpt
     torch.manual_seed(cfg.seed)
     with cli.one_line_errors():
-        model, cfg = make_model(cfg, env.mconf, env.resumed)
+        model, cfg = adapt.make_model(cfg, env.mconf, env.resumed)   # scratch, resume, adapt; LoRA
     if model.config.has_hypertokens and (model.config.recon_lambda == 0 or model.config.recon_max_entries == 0):
         model.recon.requires_grad_(False)   # unused: DDP would wait for its gradient
     run = SimpleNamespace(raw_model=model.to(env.device), metrics=None, history=[], stop=False, eval_seconds=0.0,
@@ -359,10 +299,7 @@ def build_model(env):
     env.cfg, env.mconf = cfg, model.config  # adapting takes the source's architecture
     if env.device_type == "cuda":
         kernels.use_kernels(model)          # the fused embedding lookups
-    run.iter_num, run.train_seconds, run.best_val_loss = \
-        (ckpt[k] for k in ("iter_num", "train_seconds", "best_val_loss")) if ckpt else (0, 0.0, float("inf"))
-    run.start_iter = run.saved_iter = run.iter_num
-    run.log = {"config": asdict(cfg), **(outdir.read_log(cfg.out_dir, run.iter_num) if ckpt else {"evals": [], "train": []})}
+    outdir.restore(run, ckpt, cfg)      # the step reached, its time, the best loss, the log (or a new run's)
     if env.master:
         report.model(env, model)            # parameters (trained), M, C, codes per step, device, dtype
     run.optimizer = configure_optimizer(model, cfg, env.device_type)
@@ -410,14 +347,13 @@ def evaluate(env, run, windows):
     run.eval_seconds += run.last_eval
 
 
-# -------------------------------------------------------------------------- the loop
+# -------------------------------------------------------------------------- the loop, and the end: summary, sample
 
 
 def train(env, run, train_path, windows, held):
     """Step until max_iters, max_seconds, eval_only or Ctrl-C; evaluate every eval_interval
     steps and at the end. Returns the Meter of the steps taken."""
-    cfg, device, accum, world = env.cfg, env.device, env.accum, env.world
-    model, optimizer, scaler = run.model, run.optimizer, run.scaler
+    cfg, device, accum = env.cfg, env.device, env.accum
     job = dict(first=run.iter_num * accum, accum=accum, seed=cfg.seed, rank=env.rank, batch_size=cfg.batch_size,
                mconf=env.mconf, byte_lengths=env.tokenizer.byte_lengths)
     run.interrupt = outdir.Interrupt(env.ddp)       # Ctrl-C: stop after the current step, and save it
@@ -442,7 +378,7 @@ def train(env, run, train_path, windows, held):
         if run.stop:
             break
         lr = get_lr(cfg, run.iter_num, run.train_seconds)
-        for group in optimizer.param_groups:
+        for group in run.optimizer.param_groups:
             group["lr"] = lr
         done = run.iter_num >= cfg.max_iters or 0 < cfg.max_seconds <= run.train_seconds
         if run.iter_num % cfg.eval_interval == 0 or done or cfg.eval_only:
@@ -450,21 +386,7 @@ def train(env, run, train_path, windows, held):
         if done or cfg.eval_only:
             break
         t0, c0 = time.perf_counter(), time.process_time()
-        for micro in range(accum):
-            x, y, hyper, n_bytes, n_codes, flops = batch
-            if env.ddp:   # sync gradients on the last micro-step only
-                model.require_backward_grad_sync = micro == accum - 1
-            # dropout and the reconstruction subsample are a function of the step, like the data
-            torch.manual_seed(int(step_rng(cfg.seed, env.rank, run.iter_num, micro, 1).integers(2**62)))
-            with env.ctx:
-                _, loss, parts = model(x, y, hyper=hyper, with_parts=True)
-                loss = loss / accum
-            batch = next_batch()            # built in the background meanwhile
-            scaler.scale(loss).backward()
-            meter.add(codes=n_codes * world, bytes=n_bytes * world, flops=flops)
-            for k in losses:
-                losses[k] += parts.get(k, torch.zeros(())) / accum
-        optimizer_step(cfg, model, optimizer, scaler)
+        batch = train_step(env, run, batch, next_batch, meter, losses)
         loader.release_freed_memory()
         run.iter_num += 1
         logged = run.iter_num % cfg.log_interval == 0 or run.iter_num == run.start_iter + 1
@@ -474,36 +396,36 @@ def train(env, run, train_path, windows, held):
         run.train_seconds += dt
         meter.add(seconds=dt, cpu=time.process_time() - c0)
         if logged:
-            log_progress(env, run, losses, lr, dt, meter, batches)
+            report.progress(env, run, losses, lr, dt, meter, batches, time.perf_counter())
             losses = {k: 0.0 for k in losses}
     return meter
 
 
-def optimizer_step(cfg, model, optimizer, scaler):
-    """Clip the gradient norm (unscaled first: float16's loss scale), step, and clear the gradients."""
+def train_step(env, run, batch, next_batch, meter, losses):
+    """One optimizer step: accum micro-steps (forward, backward, each loss added to `losses`), the
+    gradient norm clipped, the step taken, the gradients cleared. Returns the next step's first batch."""
+    cfg, model, optimizer, scaler, accum = env.cfg, run.model, run.optimizer, run.scaler, env.accum
+    for micro in range(accum):
+        x, y, hyper, n_bytes, n_codes, flops = batch
+        if env.ddp:   # sync gradients on the last micro-step only
+            model.require_backward_grad_sync = micro == accum - 1
+        # dropout and the reconstruction subsample are a function of the step, like the data
+        torch.manual_seed(int(step_rng(cfg.seed, env.rank, run.iter_num, micro, 1).integers(2**62)))
+        with env.ctx:
+            _, loss, parts = model(x, y, hyper=hyper, with_parts=True)
+            loss = loss / accum
+        batch = next_batch()            # built in the background meanwhile
+        scaler.scale(loss).backward()
+        meter.add(codes=n_codes * env.world, bytes=n_bytes * env.world, flops=flops)
+        for k in losses:
+            losses[k] += parts.get(k, torch.zeros(())) / accum
     if cfg.grad_clip > 0:
-        scaler.unscale_(optimizer)
+        scaler.unscale_(optimizer)      # first: the norm is the true gradient's, not float16's scaled one
         torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip)
     scaler.step(optimizer)
     scaler.update()
     optimizer.zero_grad(set_to_none=True)
-
-
-def log_progress(env, run, losses, lr, dt, meter, batches):
-    """The mean losses since the last log line into the log; on rank 0 a line with speed and ETA."""
-    cfg, it = env.cfg, run.iter_num
-    n = it - (run.history[-1][0] if run.history else run.start_iter)
-    lm, recon = (float(losses[k]) / n for k in ("lm", "recon"))
-    if not math.isfinite(lm):   # training data is canonical: no target may ever be masked
-        raise SystemExit(f"error: step {it}: the training loss is {lm}: a target lies outside the "
-                         f"model's output vocabulary (masked -inf); the batches are not the model's own codes")
-    run.history.append((it, lm, recon))
-    run.log["train"].append({"iter": it, "train_seconds": run.train_seconds, "loss": lm, "recon": recon})
-    if env.master:
-        report.progress(env, run, lm, recon, lr, dt, meter, batches, time.perf_counter())
-
-
-# -------------------------------------------------------------------------- the end: summary, sample
+    return batch
 
 
 def finish(env, run, meter):
@@ -518,10 +440,7 @@ def finish(env, run, meter):
         torch.distributed.destroy_process_group()
     if run.stop:
         raise SystemExit(130)           # interrupted: not a success (the shell's code for Ctrl-C)
-    total = meter.total
-    return {"history": run.history, "val": run.metrics, "iter_num": run.iter_num, "train_seconds": run.train_seconds,
-            "codes_per_s": total["codes"] / max(total["seconds"], 1e-9),
-            "bytes_per_s": total["bytes"] / max(total["seconds"], 1e-9), "cpu_seconds": total["cpu"]}
+    return report.figures(run, meter)
 
 
 if __name__ == "__main__":

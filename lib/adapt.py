@@ -147,3 +147,19 @@ def unfold_lora(model, lora, rank, alpha, where):
     res = model.load_state_dict(lora or {}, strict=False)
     if res.unexpected_keys or any("lora_" in k for k in res.missing_keys):
         raise ValueError(f"{where}: the LoRA state does not fit --lora_rank={rank}")
+
+
+def make_model(cfg, mconf, resumed=None):
+    """(the model on the CPU, as --init_from says, with LoRA adapters when lora_rank > 0; the run's
+    settings). resumed: (model, checkpoint) of a run being resumed. Adapting takes the source's
+    architecture (the settings returned are a copy that holds it) and checks that every base weight
+    loaded."""
+    if cfg.init_from == "resume":
+        model, ckpt = resumed
+        if cfg.lora_rank:   # the checkpoint holds the weights with the adapters folded in
+            unfold_lora(model, ckpt.get("lora"), cfg.lora_rank, cfg.lora_alpha, cfg.out_dir)
+        return model, cfg
+    model, cfg = (GPT(mconf), cfg) if cfg.init_from == "scratch" else adapted_model(cfg, mconf)
+    if cfg.lora_rank:
+        add_lora(model, cfg.lora_rank, cfg.lora_alpha)
+    return model, cfg

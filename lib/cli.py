@@ -11,6 +11,7 @@ it raises only on true bugs, which keep their traceback.
 
 import codecs
 import os
+import re
 from contextlib import contextmanager, nullcontext
 
 import torch
@@ -240,6 +241,16 @@ def fields_of(cls, defaults, but=()):
     made.copied_from = cls   # not a field: no annotation
     made.__doc__ = f"{cls.__name__}'s settings ({cls.__module__}.py says what each means)"
     return made
+
+
+def config_of(cls, settings, names, **extra):
+    """cls(**the fields `names` of `settings`, **extra), checked by cls itself; its ValueError names
+    the flags. Example: GPTConfig's "n_embd=512 is not a multiple of n_head=3" becomes "--n_embd=512
+    is not a multiple of --n_head=3"."""
+    try:
+        return cls(**{k: getattr(settings, k) for k in names}, **extra)
+    except ValueError as e:
+        raise ValueError(re.sub(rf"(?<![\w-])({'|'.join(names)})\b", r"--\1", str(e))) from None
 
 
 def described_fields(cls):

@@ -21,6 +21,7 @@ import time
 import numpy as np
 import torch
 
+from lib import cli
 from lib.checks import base_ids
 from zip2zip import LZW, HyperBatch, hyper_batch, lzw_encode
 
@@ -88,6 +89,21 @@ def data_files(dataset, folder, block_size, max_subtokens, vocab_size):
     if n_train < need:
         raise ValueError(f"{paths[0]} holds {n_train} tokens; a window of {block_size + 1} codes may need {need}")
     return paths
+
+
+def open_data(env, repo):
+    """(train.bin's path, the fixed validation windows) of a run (train.py's env: settings, ranks,
+    model config, tokenizer), the dataset prepared first by rank 0 if a shipped one is missing."""
+    cfg = env.cfg
+    folder = data_folder(cfg.dataset, repo, prepare=env.master)
+    if env.ddp:
+        torch.distributed.barrier()
+    with cli.one_line_errors():
+        train_path, val_path = data_files(cfg.dataset, folder, cfg.block_size, cfg.max_subtokens,
+                                          env.mconf.vocab_size)
+        windows = eval_windows(np.memmap(val_path, dtype=np.uint16, mode="r"), cfg.eval_windows,
+                               cfg.block_size, env.mconf, env.tokenizer.byte_lengths)
+    return train_path, windows
 
 
 def build_batch(data, starts, block_size, model_config, byte_lengths):

@@ -11,6 +11,7 @@ previous version whole; a reader never sees half a file. Ctrl-C stops a run afte
 step, which train.py then saves; resume_command is how to go on.
 """
 
+import dataclasses
 import json
 import os
 import shlex
@@ -120,6 +121,16 @@ def read_log(out_dir, upto):
     return {k: [e for e in log.get(k, []) if e["iter"] <= upto] for k in ("evals", "train")}
 
 
+def restore(run, ckpt, cfg):
+    """Set the counters of a run (iter_num, start_iter, saved_iter, train_seconds, best_val_loss)
+    and its log: a resumed run's from its checkpoint and log.json (ckpt), a new run's from zero."""
+    run.iter_num, run.train_seconds, run.best_val_loss = \
+        (ckpt[k] for k in ("iter_num", "train_seconds", "best_val_loss")) if ckpt else (0, 0.0, float("inf"))
+    run.start_iter = run.saved_iter = run.iter_num
+    run.log = {"config": dataclasses.asdict(cfg),
+               **(read_log(cfg.out_dir, run.iter_num) if ckpt else {"evals": [], "train": []})}
+
+
 def write_log(out_dir, log):
     atomic_write(os.path.join(out_dir, "log.json"), lambda f: f.write(json.dumps(log).encode()))
 
@@ -177,3 +188,20 @@ def resume_settings(cfg, argv, fixed):
     if changed:
         raise ValueError(f"cannot change on resume: {', '.join(changed)}")
     return new, resumed
+
+
+def claim(cfg, argv, fixed, writes, held):
+    """(the run's settings, (model, checkpoint) when resumed, else None). A process that writes
+    locks out_dir for as long as `held` lasts; a resumed run takes its saved settings, argv on top
+    (resume_settings); a new run refuses to replace a ckpt.pt unless --overwrite=True. ValueError
+    says which of these stands in the way."""
+    if writes and (cfg.init_from != "resume" or os.path.isdir(cfg.out_dir)):
+        held.enter_context(lock(cfg.out_dir))
+    resumed = None
+    if cfg.init_from == "resume":   # the run's own settings, with the command line on top
+        cfg, resumed = resume_settings(cfg, argv, fixed)
+    path = os.path.join(cfg.out_dir, "ckpt.pt")
+    if writes and not resumed and os.path.exists(path) and not cfg.overwrite:
+        raise ValueError(f"{path} exists: continue it with --init_from=resume, choose another "
+                         f"--out_dir, or replace it with --overwrite=True")
+    return cfg, resumed

@@ -1,10 +1,11 @@
 """
 What train.py prints: the model it trains, the lines of the logged steps (losses, speed, time
-elapsed and to the end) and of the evaluations, and, when a run ends, what was done and how to go
-on, then a sample.
+elapsed and to the end; the losses also go into the log) and of the evaluations, and, when a run
+ends, what was done and how to go on, then a sample; and the figures train.main returns.
 README.md ("What you see") and docs/running.md explain the fields.
 """
 
+import math
 import os
 import sys
 
@@ -49,11 +50,22 @@ def eta(env, run, meter, now):
     return f", ETA {hms(left)}"
 
 
-def progress(env, run, lm, recon, lr, dt, meter, batches, now):
-    """The line of a logged step: mean losses since the last line, the LR, this step's time, the
-    speed since the last line, time since the start (evaluations included) and to the end."""
+def progress(env, run, losses, lr, dt, meter, batches, now):
+    """A logged step: the mean losses since the last log line go into run.history and the log; on
+    rank 0 a line with them, the LR, this step's time, the speed since the last line, time since the
+    start (evaluations included) and to the end. SystemExit if the training loss is not finite."""
+    it = run.iter_num
+    n = it - (run.history[-1][0] if run.history else run.start_iter)
+    lm, recon = (float(losses[k]) / n for k in ("lm", "recon"))
+    if not math.isfinite(lm):   # training data is canonical: no target may ever be masked
+        raise SystemExit(f"error: step {it}: the training loss is {lm}: a target lies outside the "
+                         f"model's output vocabulary (masked -inf); the batches are not the model's own codes")
+    run.history.append((it, lm, recon))
+    run.log["train"].append({"iter": it, "train_seconds": run.train_seconds, "loss": lm, "recon": recon})
+    if not env.master:
+        return
     built = env.cfg.loader != "sync" and batches.speed()      # codes/s the workers can build
-    print(f"iter {run.iter_num}: loss {lm:.4f}" + (f", recon {recon:.4f}" if env.mconf.has_hypertokens else "") +
+    print(f"iter {it}: loss {lm:.4f}" + (f", recon {recon:.4f}" if env.mconf.has_hypertokens else "") +
           f", lr {lr:.2e}, {1000 * dt:.0f} ms, {meter.report(built, env.world)}; "
           f"{hms(now - run.t_start)} elapsed{eta(env, run, meter, now)}")
 
@@ -91,3 +103,12 @@ def sample(env, run):
                                  compile=cfg.compile)[0]
     print(f"sample ({cfg.sample_tokens} codes):")
     print(cli.show(env.tokenizer, codes[1:], color=sys.stdout.isatty()))
+
+
+def figures(run, meter):
+    """What train.main returns, for tests and evals/reproduce.py: the curve, the last evaluation,
+    the step reached, the training time, and the speed of this process's steps."""
+    total = meter.total
+    return {"history": run.history, "val": run.metrics, "iter_num": run.iter_num, "train_seconds": run.train_seconds,
+            "codes_per_s": total["codes"] / max(total["seconds"], 1e-9),
+            "bytes_per_s": total["bytes"] / max(total["seconds"], 1e-9), "cpu_seconds": total["cpu"]}

@@ -17,6 +17,7 @@ os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
 
 import train  # noqa: E402
 from evals import harness, likelihood  # noqa: E402
+from lib import loader  # noqa: E402
 from lm_eval.api.instance import Instance  # noqa: E402
 from zip2zip import GPT, GPTConfig, lzw_decode, lzw_encode  # noqa: E402
 
@@ -176,7 +177,7 @@ def test_bits_per_byte_agree_with_train_py(tmp_path):
     docs = [d for d in docs if d["n_eot"] == 0 and d["bytes_match"]][:3]
     val = np.memmap(path, dtype=np.uint16, mode="r")
     lm = harness.Zip2Zip(save(tmp_path / "ckpt.pt", block_size=256), device="cpu")
-    windows = train.eval_windows(val, 96, 256, lm.model.config, lm.tok.byte_lengths, [d["window"] for d in docs])
+    windows = loader.eval_windows(val, 96, 256, lm.model.config, lm.tok.byte_lengths, [d["window"] for d in docs])
     if [w[2] for w in windows] != [d["n_bytes"] for d in docs]:
         pytest.skip("this val.bin is not the one the shipped task was made from")
     ours = train.estimate_loss(lm.model, windows, 3, torch.no_grad())["bpb"]

@@ -150,8 +150,8 @@ def test_eval_matches_model_nll_on_the_same_text(data_dir, tok):
     val = np.memmap(os.path.join(data_dir, "val.bin"), dtype=np.uint16, mode="r")
     torch.manual_seed(0)
     model = zip2zip.GPT(zip2zip.GPTConfig(block_size=32, n_layer=1, n_head=2, n_embd=32, max_subtokens=4))
-    windows = train.eval_windows(val, 5, 32, model.config, tok.byte_lengths)
-    plain = train.eval_windows(val, 5, 32, zip2zip.GPTConfig(block_size=32, max_subtokens=1), tok.byte_lengths)
+    windows = loader.eval_windows(val, 5, 32, model.config, tok.byte_lengths)
+    plain = loader.eval_windows(val, 5, 32, zip2zip.GPTConfig(block_size=32, max_subtokens=1), tok.byte_lengths)
     assert [w[1:] for w in windows] == [w[1:] for w in plain]          # identical text for every model
     assert all(zip2zip.lzw_decode(w[0], 50257, 1024, 4, (tok.eot,)) == p[0] for w, p in zip(windows, plain))
     m = train.estimate_loss(model, windows, 2, nullcontext())
@@ -241,7 +241,7 @@ def test_adapt_from_plain_loads_every_base_weight(data_dir, plain_dir, tmp_path)
     cfg = train.TrainConfig(init_from=plain_dir, block_size=8, n_layer=3, max_subtokens=4)
     mconf = train.model_config(cfg)
     given = dataclasses.replace(cfg)
-    model, adapted = train.make_model(cfg, mconf)
+    model, adapted = adapt.make_model(cfg, mconf)
     assert adapted.n_layer == 1 and adapted.bias is True            # the source's architecture
     assert cfg == given and mconf.n_layer == 3                      # in a copy: what was given is unchanged
     assert model.config.hyper_width == zip2zip.GPTConfig(n_embd=16, n_head=2).hyper_width == 4   # derived from it too

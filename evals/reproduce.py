@@ -124,7 +124,8 @@ def load_models(out_dirs, device):
 
 def bits_per_byte(cfg, models):
     """Bits per byte of each checkpoint on the same validation text (train.py's fixed windows)."""
-    from train import estimate_loss, eval_windows
+    from lib.loader import eval_windows
+    from train import estimate_loss
     print("\n### Bits per byte on fixed validation windows (the same text for every model)\n")
     if not models:
         print("no checkpoints: train them first (`python train.py`, `python train.py config/plain_cpu.py`), "
@@ -217,7 +218,7 @@ def run_model(cfg, name):
 
 def windows_of(cfg, model, which=None):
     """The validation windows (train.py's, or those numbered `which`) in `model`'s own codes."""
-    from train import eval_windows
+    from lib.loader import eval_windows
     c, tok = model.config, cli.tokenizer_for(model.config)
     val = bench.load_tokens("pycode", "val")
     return eval_windows(val, 4 if cfg.quick else cfg.eval_windows, c.block_size, c, tok.byte_lengths, which)

@@ -28,6 +28,14 @@ def context_length(n, block_size):
     return keep + (n - block_size - 1) % (block_size - keep + 1)
 
 
+# Table rows a step writes per row: the entry its code installed and the pending content. A
+# canonical code installs at most one entry (its first base id ends the previous match; the rest
+# follow its own path in the trie), so the hyper-encoder's work is not padded to the M entries a
+# code may install; the rare code that installs more (a non-canonical stream) has the others
+# written before the step (StaticStepper.advance).
+SLOTS = 2
+
+
 def decode_step(model, state, packed, temperature, top_k):
     """One decoding step of fixed-shape tensors, with no host sync: it compiles once.
 
@@ -36,20 +44,20 @@ def decode_step(model, state, packed, temperature, top_k):
     contiguous view and nothing is copied): the code as a base id (0 if it is none) and as a
     table row (C if it is none), its slot in the KV cache (its position), n + 1 if a pending id
     exists else n (n: the entries installed), the code of the encoder's current match; then the
-    M + 1 table rows to write (the entries the code installed, padded to the scratch row C, and
-    row n for the pending content), their (trie parent, first, last base id), and their contents
+    SLOTS = 2 table rows to write (the entry the code installed, or the scratch row C, and row n
+    for the pending content, or C), their (trie parent, first, last base id), and their contents
     and lengths. state: the StaticStepper's tensors, written in place. Returns the next-code logits
     (B, W) and a sampled next code per row (B,).
     """
     c, wte = model.config, model.transformer.wte.weight
-    B, M, S = state["rows"].size(0), c.max_subtokens, c.max_subtokens + 1
+    B, M, S = state["rows"].size(0), c.max_subtokens, SLOTS
     base_id, table_row, pos, n_plus, match = packed[:5 * B].view(5, B).unbind(0)     # (B,) each
     x = wte[base_id]                                                                # (B, d)
     if c.has_hypertokens:
         slots, trie, contents, lengths = packed[5 * B:].split([B * S, B * S * 3, B * S * M, B * S])
         slots, trie = slots.view(B, S), trie.view(B, S, 3)
-        # 1. encode the new entries and the pending content, write them into the row's tables:
-        # an entry at its row j, the pending vector at row n (its column V + n scores it)
+        # 1. encode the new entry and the pending content, write them into the row's tables: the
+        # entry at its row j, the pending vector at row n (its column V + n scores it)
         h_in, h_out = model.hyper_tables(contents.view(B * S, M), lengths)          # (B * S, d)
         rows = state["rows"]                                                        # (B, 1)
         state["table_in"][rows, slots] = h_in.view(B, S, -1).to(state["table_in"].dtype)
@@ -174,7 +182,7 @@ class StaticStepper:
 
     def _pack(self, b, code, new):
         """Row b's part of a step's input (see decode_step), a list per field: the code it reads,
-        and the entries `new` (indices j) that reading it installed: at most one per base token."""
+        and the entry `new` (a range of at most one index j) that reading it installed."""
         c, lzw = self.model.config, self.lzw[b]
         V, C, M = c.vocab_size, c.max_codebook_size, c.max_subtokens
         pending, n = lzw.pending(), lzw.n_entries
@@ -183,7 +191,7 @@ class StaticStepper:
         self.filled[b] += 1
         if not c.has_hypertokens:
             return head
-        pad = M - len(new)
+        pad = SLOTS - 1 - len(new)
         slots = list(new) + [C] * pad + [n if pending else C]
         trie = [(lzw.parents[j], lzw.entries[j][0], lzw.entries[j][-1]) for j in new] + [(-2, 0, 0)] * pad + \
             [(-2, pending[0] if pending else 0, 0)]   # the pending id is never a child: parent -2
@@ -204,7 +212,7 @@ class StaticStepper:
     def advance(self, codes):
         """Read one code per row (ValueError if a code is not valid for its row), then compute
         the next-code logits and draw the next codes."""
-        c, parts = self.model.config, []
+        c, parts, more = self.model.config, [], []
         for b, (lzw, code) in enumerate(zip(self.lzw, codes)):
             n = lzw.n_entries
             lzw.push(code, len(self.rows[b]))
@@ -212,7 +220,9 @@ class StaticStepper:
             if self.filled[b] == c.block_size:   # context full: keep the row's last block_size // 2
                 kept = self.rows[b][len(self.rows[b]) - c.block_size // 2:-1]
                 self._refill(slice(b, b + 1), [kept])
-            parts.append(self._pack(b, code, range(n, lzw.n_entries)))
+            more += [(b, j) for j in range(n + 1, lzw.n_entries)]   # beyond the one the step writes
+            parts.append(self._pack(b, code, range(n, min(n + 1, lzw.n_entries))))
+        self._install(more)
         self._run(parts)
 
 

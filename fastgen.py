@@ -174,10 +174,12 @@ class StaticStepper:
         # causal over the row's own codes; a pad query sees code 0, and so does every query of a
         # row with no codes (a one-code prompt): no row of the mask is empty, which some CUDA
         # kernels answer with NaN. What pads compute is never read: the step overwrites their slots.
-        keys = self.state["key_slots"]
-        mask = (keys <= slots[:, None]) & (keys < lengths.clamp(min=1))                    # (R, L, block)
+        # Attention reads the first L slots of the cache (views: the keys and values are written
+        # through them), not all block_size: a short prompt costs its own length, not the context's.
+        keys = self.state["key_slots"][:L]
+        mask = (keys <= slots[:, None]) & (keys < lengths.clamp(min=1))                    # (R, L, L)
         for i, block in enumerate(m.transformer.h):
-            x = block.forward(x, mask[:, None], (self.state["k"][rows, i], self.state["v"][rows, i],
+            x = block.forward(x, mask[:, None], (self.state["k"][rows, i, :, :L], self.state["v"][rows, i, :, :L],
                                                  slots.expand(idx.size(0), L)))
 
     def _pack(self, b, code, new):

@@ -21,6 +21,14 @@ from zip2zip import (NO_PARENT, Canon, cache_dtype, context_length, embed_conten
                      vocabulary_logits_)
 
 
+# Table rows a step writes per row: the entry its code installed and the pending content. A
+# canonical code installs at most one entry (its first base id ends the previous match; the rest
+# follow its own path in the trie), so the hyper-encoder's work is not padded to the M entries a
+# code may install; the rare code that installs more (a non-canonical stream) has the others
+# written before the step (StaticStepper.advance).
+SLOTS = 2
+
+
 def decode_step(model, state, packed, temperature, top_k):
     """One decoding step of fixed-shape tensors, with no host sync: it compiles once.
 
@@ -29,20 +37,20 @@ def decode_step(model, state, packed, temperature, top_k):
     contiguous view and nothing is copied): the code as a base id (0 if it is none) and as a
     table row (C if it is none), its slot in the KV cache (its position), n + 1 if a pending id
     exists else n (n: the entries installed), the id of the encoder's current match; then the
-    M + 1 table rows to write (the entries the code installed, padded to the scratch row C, and
-    row n for the pending content), their (trie parent, first, last base id), and their contents
+    SLOTS = 2 table rows to write (the entry the code installed, or the scratch row C, and row n
+    for the pending content, or C), their (trie parent, first, last base id), and their contents
     and lengths. state: the StaticStepper's tensors, written in place. Returns the next-code logits
     (B, W) and a sampled next code per row (B,).
     """
     c, wte = model.config, model.transformer.wte.weight
-    B, M, S = state["rows"].size(0), c.max_subtokens, c.max_subtokens + 1
+    B, M, S = state["rows"].size(0), c.max_subtokens, SLOTS
     base_id, table_row, pos, n_plus, match = packed[:5 * B].view(5, B).unbind(0)     # (B,) each
     x = wte[base_id]                                                                # (B, d)
     if c.has_hypertokens:
         slots, trie, contents, lengths = packed[5 * B:].split([B * S, B * S * 3, B * S * M, B * S])
         slots, trie = slots.view(B, S), trie.view(B, S, 3)
-        # 1. encode the new entries and the pending content, write them into the row's tables:
-        # an entry at its row j, the pending vector at row n (its column V + n scores it)
+        # 1. encode the new entry and the pending content, write them into the row's tables: the
+        # entry at its row j, the pending vector at row n (its column V + n scores it)
         h_in, h_out = model.hyper_tables(contents.view(B * S, M), lengths)          # (B * S, d)
         rows = state["rows"]                                                        # (B, 1)
         state["table_in"][rows, slots] = h_in.view(B, S, -1).to(state["table_in"].dtype)
@@ -166,15 +174,17 @@ class StaticStepper:
         # causal over the row's own codes; a pad query sees code 0, and so does every query of a
         # row with no codes (a one-code prompt): no row of the mask is empty, which some CUDA
         # kernels answer with NaN. What pads compute is never read: the step overwrites their slots.
-        keys = self.state["key_slots"]
-        mask = (keys <= slots[:, None]) & (keys < lengths.clamp(min=1))                    # (R, L, block)
+        # Attention reads the first L slots of the cache (views: the keys and values are written
+        # through them), not all block_size: a short prompt costs its own length, not the context's.
+        keys = self.state["key_slots"][:L]
+        mask = (keys <= slots[:, None]) & (keys < lengths.clamp(min=1))                    # (R, L, L)
         for i, block in enumerate(m.transformer.h):
-            x = block.forward(x, mask[:, None], (self.state["k"][i][rows], self.state["v"][i][rows],
+            x = block.forward(x, mask[:, None], (self.state["k"][i][rows, :, :L], self.state["v"][i][rows, :, :L],
                                                  slots.expand(idx.size(0), L)))
 
     def _pack(self, b, code, new):
         """Row b's part of a step's input (see decode_step), a list per field: the code it reads,
-        and the entries `new` (indices j) that reading it installed: at most one per base token."""
+        and the entry `new` (a range of at most one index j) that reading it installed."""
         c, lzw = self.model.config, self.lzw[b]
         V, C, M = c.vocab_size, c.max_codebook_size, c.max_subtokens
         pending, n = lzw.pending(), lzw.n_entries
@@ -183,7 +193,7 @@ class StaticStepper:
         self.filled[b] += 1
         if not c.has_hypertokens:
             return head
-        pad = M - len(new)
+        pad = SLOTS - 1 - len(new)
         slots = list(new) + [C] * pad + [n if pending else C]
         # the new entries' trie nodes, then column n as canon_facts has it: the pending id, nobody's child
         trie = lzw.nodes(new) + [(NO_PARENT, 0, 0)] * pad + [(NO_PARENT, pending[0] if pending else 0, 0)]
@@ -204,7 +214,7 @@ class StaticStepper:
     def advance(self, codes):
         """Read one code per row (ValueError if a code is not valid for its row), then compute
         the next-code logits and draw the next codes."""
-        c, parts = self.model.config, []
+        c, parts, more = self.model.config, [], []
         for b, (lzw, code) in enumerate(zip(self.lzw, codes)):
             n = lzw.n_entries
             lzw.push(code, len(self.rows[b]))
@@ -212,7 +222,9 @@ class StaticStepper:
             keep = context_length(len(self.rows[b]), c.block_size) - 1   # the codes before this one that stay
             if keep < self.filled[b]:            # the context is full: crop it as zip2zip.context_length says
                 self._refill(slice(b, b + 1), [self.rows[b][len(self.rows[b]) - 1 - keep:-1]])
-            parts.append(self._pack(b, code, range(n, lzw.n_entries)))
+            more += [(b, j) for j in range(n + 1, lzw.n_entries)]   # beyond the one the step writes
+            parts.append(self._pack(b, code, range(n, min(n + 1, lzw.n_entries))))
+        self._install(more)
         self._run(parts)
 
 

@@ -1,6 +1,8 @@
 """The fast path equals the simple one: fastgen.StaticStepper (B rows, one packed static step)
 against zip2zip.Stepper (one row, one code at a time), on ragged batches and past the context:
 the same logits within 1e-5 in fp32, the same greedy codes."""
+import random
+
 import pytest
 import torch
 
@@ -38,6 +40,38 @@ def test_the_static_step_gives_the_simple_loops_logits(canonical, tie, kind):
             fast.advance(codes)
             logits = [s.read(code) for s, code in zip(simple, codes)]
     assert len(set(fast.filled)) == 3      # the rows were cropped at different steps
+
+
+def noncanonical_codes(model, n, seed):
+    """n valid codes drawn at random (hypertokens often): a stream that is not canonical, as the
+    multi-view beam reads, and (the number of) its codes that install more than one entry."""
+    rng, lzw, codes, several = random.Random(seed), model.codec(), [], 0
+    while len(codes) < n:
+        k = lzw.n_entries
+        hyper = range(V, V + k + (lzw.pending() is not None))
+        codes.append(rng.choice(hyper) if hyper and rng.random() < 0.7 else rng.randrange(3))
+        lzw.push(codes[-1])
+        several += lzw.n_entries - k > 1
+    return codes, several
+
+
+@pytest.mark.parametrize("canonical", [True, False])
+def test_a_code_that_installs_several_entries(canonical):
+    # A canonical code installs at most one entry, which the step writes; a code of a stream that
+    # is not canonical can install more, and the rest are written before the step: the logits
+    # still agree with the simple loop's (rows of either kind, side by side)
+    model = tiny(block_size=64, max_codebook_size=64, canonical=canonical)
+    rows = [noncanonical_codes(model, 40, seed)[0] for seed in (6, 7)] + [codes_of(0, model, 40)]
+    assert all(noncanonical_codes(model, 40, seed)[1] > 0 for seed in (6, 7))   # (5 such codes)
+    fast = fastgen.StaticStepper(model, [r[:1] for r in rows], temperature=0)
+    simple = [z.Stepper(model) for _ in rows]
+    with torch.no_grad():
+        logits = [s.read(r[0]) for s, r in zip(simple, rows)]
+        for t in range(1, 40):
+            for b in range(len(rows)):
+                assert_same_logits(fast.logits[b], logits[b])
+            fast.advance([r[t] for r in rows])
+            logits = [s.read(r[t]) for s, r in zip(simple, rows)]
 
 
 def test_greedy_text_is_the_same_on_both_paths():

@@ -27,6 +27,9 @@ def test_alternate_pairs_rounds():
     assert calls == ["a", "b"] * 4                          # a warm-up round, then A B A B A B
     assert rates == {"a": [3.0] * 3, "b": [1.0] * 3}
     assert bench.ratio(rates, "a", "b") == 3.0
+    rates = {"a": [1.0, 8.0, 2.0, 4.0], "b": [1.0] * 4}
+    assert bench.ratio(rates, "a", "b") == 3.0 and bench.spread(rates, "a", "b") == [1.0, 8.0]
+    assert bench.spread(rates, "a", "b", 0.25) == [2.0, 4.0]                 # the quartiles
 
 
 def numbers(x):
@@ -37,7 +40,7 @@ def numbers(x):
 
 def test_quick_run_writes_every_figure(tmp_path, capsys):
     path = tmp_path / "bench.json"
-    report = bench.main(["--quick=True", f"--json={path}", "--threads=1"])
+    report = bench.main(["--quick=True", f"--json={path}", "--threads=1", "--fresh=False"])
     out = capsys.readouterr().out
     data = json.loads(path.read_text())
     assert data == json.loads(json.dumps(report))
@@ -50,25 +53,106 @@ def test_quick_run_writes_every_figure(tmp_path, capsys):
     for batch in ("batch_1", "batch_8"):
         row = data["decode"][batch]
         assert row["zip2zip_bytes_per_s"] > 0 and row["plain_bytes_per_s"] > 0 and row["ratio"] > 0
+        assert row["ratio_spread"][0] <= row["ratio"] <= row["ratio_spread"][1]
+        assert row["step_cost"] * row["ratio"] == pytest.approx(row["limit"])
         assert row["zip2zip_steps"] < row["plain_steps"]
         assert 0 < row["plain_ops"] < row["zip2zip_ops"]   # (the budget, at 6 layers: test_model.py)
+    for key in ("batch_1_quarter", "batch_1_full", "batch_8_quarter", "batch_8_full"):
+        row = data["prefill"][key]
+        assert row["ratio_spread"][0] <= row["ratio"] <= row["ratio_spread"][1]
+        # the same text on both sides, which the zip2zip model reads in fewer codes
+        assert 0 < row["zip2zip_codes"] <= row["plain_tokens"] <= 32 and row["limit"] >= 1
+        assert (row["limit_padded"] == row["limit"]) if key.startswith("batch_1") else row["limit_padded"] > 0
+        for name in ("zip2zip", "plain"):
+            ms = row[f"{name}_ms"]
+            assert all(v >= 0 for v in ms.values()) and ms["forward"] > 0 and ms["first step"] > 0
+        assert set(row["zip2zip_ms"]) - set(row["plain_ms"]) == {"LZW encode", "hyper-encoder"}
+    assert data["prefill"]["batch_1_full"]["plain_tokens"] > data["prefill"]["batch_1_quarter"]["plain_tokens"]
+    for name in ("code", "prose"):
+        row = data["memory"][name]
+        assert row["zip2zip_text_bytes"] > 0 and row["plain_text_bytes"] > 0 and row["text_ratio"] >= 1
+        assert row["kv_ratio"] == pytest.approx(1 / row["text_ratio"])   # a slot's keys and values: the same size
+        assert row["text_ratio_spread"][0] <= row["text_ratio"] <= row["text_ratio_spread"][1]
+        assert row["zip2zip_state_bytes_per_text_byte"] > row["zip2zip_kv_bytes_per_text_byte"]
+    e2e = data["e2e"]
+    assert e2e["zip2zip_steps"] <= e2e["plain_steps"] and e2e["prompt_bytes"] > 0
+    assert e2e["zip2zip_text_bytes"] >= 16 and e2e["plain_text_bytes"] >= 16
+    assert e2e["ratio_spread"][0] <= e2e["ratio"] <= e2e["ratio_spread"][1]
     train = data["train"]
     assert isinstance(train, dict), train                   # train.py's build_batch is there
     assert train["zip2zip_bytes_per_s"] > 0 and train["plain_bytes_per_s"] > 0 and train["unmasked_bytes_per_s"] > 0
     if not torch.cuda.is_available():
         assert data["kernels"] == "skipped: no CUDA" and "skipped: no CUDA" in out
-    for heading in ("codec:", "decoding:", "training:", "kernels:"):
+    for heading in ("codec:", "decoding:", "prefill:", "memory:", "end to end:", "training:", "kernels:"):
         assert heading in out
+    # a quick run's toy sizes carry no targets: it says so, and no table has a target column
+    notice, tables = out.splitlines()[1], "\n".join(out.splitlines()[2:])
+    assert "carry no targets" in notice and not re.search(">=|<=|target", tables)
     # the codec table's columns stay apart, whatever a cell holds ("not installed" is wide)
     header = next(line for line in out.splitlines() if line.lstrip().startswith("ours"))
-    assert header.split() == ["ours", "naive", "rust", "ours/naive", "ours/rust", "target"]
-    row = next(line for line in out.splitlines() if line.startswith("encode, 8 x 1"))
+    assert header.split() == ["ours", "naive", "rust", "ours/naive", "ours/rust"]
+    row = next(line for line in out.splitlines() if line.startswith("encode, 1 a call"))
     cells = re.split(" {2,}", row)                      # a cell holds single spaces at most
-    assert len(cells) == 7 and cells[0] == "encode, 8 x 1" and cells[-1] == ">= 0.6x rust"
+    assert len(cells) == 6 and cells[0] == "encode, 1 a call"
+
+
+def test_each_part_runs_in_a_fresh_process(monkeypatch, capsys):
+    # a part's figures come from a process of its own, with this run's settings: memory (not timed)
+    # gives the same figures there as here
+    cfg = bench.setup(["--quick=True", "--parts=memory"])[0]
+    figures, seconds = bench.run_fresh("memory", cfg)
+    assert figures == json.loads(json.dumps(bench.bench_memory(cfg, "cpu", bench.Tokenizer()))) and seconds > 0
+    # main runs every part so when it runs more than one, and prints their tables here
+    calls = []
+    monkeypatch.setattr(bench, "run_fresh", lambda part, cfg: (calls.append(part), (figures, 1.0))[1])
+    report = bench.main(["--quick=True", "--parts=memory,memory"])
+    assert calls == ["memory", "memory"] and report["memory"] == figures
+    out = capsys.readouterr().out
+    assert "each part in a fresh process" in out and out.count("memory:") == 2
+    bench.main(["--quick=True", "--parts=kernels"])                         # one part: this process
+    bench.main(["--quick=True", "--parts=kernels,kernels", "--fresh=False"])
+    assert calls == ["memory", "memory"]
+
+
+def test_the_kv_bytes_read_off_the_cache_are_a_hand_count():
+    # 2 layers, 32 wide, fp32: a code's keys and values take 2 * 2 * 32 * 4 = 512 bytes; the table
+    # holds C + 1 = 13 hyper-embeddings (tied: one table) and 13 trie rows of 3 int64
+    from fastgen import StaticStepper
+    from tests.test_model import codes_of, tiny
+    model = tiny(block_size=16)
+    dec = StaticStepper(model, [codes_of(0, model, 5), codes_of(1, model, 5)])
+    assert bench.cache_bytes(dec) == [5 * 512] * 2
+    dec.advance(dec.next)
+    assert bench.cache_bytes(dec) == [6 * 512] * 2
+    full = StaticStepper(model, [codes_of(2, model, 16)])        # a full context: every slot
+    assert bench.cache_bytes(full) == [16 * 512] == [sum(t.nbytes for t in full.state["k"] + full.state["v"])]
+    assert bench.table_bytes(dec) == 13 * 32 * 4 + 13 * 3 * 8
+    assert bench.table_bytes(StaticStepper(tiny(block_size=16, max_subtokens=1), [[1, 2]])) == 0
+
+
+def test_the_end_to_end_text_is_the_windows_own():
+    # the prompt is whole codes of the window that tokenize back to its ids; each model's new
+    # pieces are the window's own after it, the fewest that spell n_bytes of text
+    from zip2zip import GPTConfig, Tokenizer
+    tok, config, args = Tokenizer(), GPTConfig(), (50257, 1024, 4, (50256,))
+    ids = bench.load_tokens("pycode", "val")[1000:1000 + 256].tolist()
+    prompt, new, spelled = bench.e2e_text(tok, ids, config, 100)
+    k = len(tok.encode_base(prompt))
+    assert tok.encode_base(prompt) == ids[:k] and k >= 64
+    head = lzw_encode(ids[:k], *args)
+    assert head + new["zip2zip"] == lzw_encode(ids, *args)[:len(head) + len(new["zip2zip"])]
+    assert lzw_decode(head + new["zip2zip"], *args) == ids[:k] + spelled["zip2zip"]
+    assert new["plain"] == spelled["plain"] == ids[k:k + len(new["plain"])]
+    fewer = {"zip2zip": lzw_decode(head + new["zip2zip"][:-1], *args)[k:], "plain": spelled["plain"][:-1]}
+    for name in ("zip2zip", "plain"):
+        assert tok.n_bytes(spelled[name]) >= 100 > tok.n_bytes(fewer[name])
+    with pytest.raises(ValueError, match="--e2e_bytes=100000: more text than the context holds"):
+        bench.e2e_text(tok, ids, config, 100000)
 
 
 def test_bad_options(tmp_path):
-    for argv, message in ((["--parts=codec,nope"], "--parts=codec,nope: unknown parts ['nope']"),
+    for argv, message in ((["--parts=codec,nope"], "--parts=codec,nope: unknown parts ['nope']; known: codec, "),
+                          (["--e2e_bytes=0"], "--e2e_bytes=0: expected 1 or more"),
                           (["--bogus=1"], "unknown key"), (["stray"], "unexpected argument"),
                           (["--rounds=0"], "--rounds=0: expected 1 or more"),
                           (["--decode_batches=1,x"], "--decode_batches=1,x: expected batch sizes like 1,8"),

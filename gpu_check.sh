@@ -6,7 +6,8 @@
 #   2. the Triton kernels against their PyTorch references, and a training step zip2zip against
 #      plain, masked against unmasked (bench.py), at the default GPU model's sizes;
 #   3. decoding, zip2zip against plain at batch 1 and 8, eager and with the compiled step (one
-#      CUDA graph replay a step), with the ops a step dispatches;
+#      CUDA graph replay a step), with the ops a step dispatches; prefill, the KV cache's bytes per
+#      byte of text and end to end, eager and compiled;
 #   4. 100 steps of the default GPU job (train.py's defaults: bf16, compiled blocks) with compile
 #      on and off: steps/s, MFU and the loader's headroom from the log.
 # Each part runs on its own: one that fails is recorded in the JSON ("parts": its exit status and
@@ -44,6 +45,10 @@ part bench python bench.py --device=$device --parts=kernels,train --rounds=3 "${
 part decode python bench.py --device=$device --parts=decode --rounds=3 "${bench[@]}" --json="$work/decode.json"
 part decode_compiled python bench.py --device=$device --parts=decode --rounds=3 --compile=True "${bench[@]}" \
     --json="$work/decode_compiled.json"
+for compile in False True; do   # prefill, KV memory and end to end, eager and with the compiled step
+    part "efficiency_$compile" python bench.py --device=$device --parts=prefill,memory,e2e --rounds=3 \
+        --compile=$compile "${bench[@]}" --json="$work/efficiency_$compile.json"
+done
 for compile in True False; do
     part "train_$compile" python train.py --device=$device --max_iters=$steps --eval_interval=$steps \
         --log_interval=10 --sample_tokens=64 --max_seconds=0 --compile=$compile "${job[@]}" \
@@ -60,10 +65,10 @@ for rc in sorted(f for f in os.listdir(work) if f.endswith(".rc")):      # the p
     if parts[name]["exit_status"]:
         parts[name]["output_tail"] = open(path(name + ".txt"), errors="replace").read()[-3000:]
 report["parts"] = parts
-for name in ("bench", "decode", "decode_compiled"):
+for name in ("bench", "decode", "decode_compiled", "efficiency_False", "efficiency_True"):
     if parts.get(name, {}).get("exit_status") == 0:
         figures = json.load(open(path(name + ".json")))
-        report[name] = figures if name == "bench" else figures["decode"]
+        report[name] = figures["decode"] if name.startswith("decode") else figures
 if os.path.exists(path("tests.xml")):      # written even when some tests fail
     suite = ET.parse(path("tests.xml")).getroot().find("testsuite")
     report["tests"] = {k: int(suite.get(k)) for k in ("tests", "failures", "errors", "skipped")}

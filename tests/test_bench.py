@@ -241,9 +241,12 @@ def test_gpu_check_plumbing_on_the_cpu(tmp_path):
                             "PATH": f"{shim}:{os.environ['PATH']}"})
     assert p.returncode == 1 and "failed: decode_compiled" in p.stdout, p.stdout[-2000:] + p.stderr[-2000:]
     report = json.loads(out.read_text())
-    assert set(report) == {"parts", "bench", "decode", "train"}
+    assert set(report) == {"parts", "bench", "decode", "efficiency_False", "efficiency_True", "train"}
     assert {k: v["exit_status"] for k, v in report["parts"].items()} == \
-        {"bench": 0, "decode": 0, "decode_compiled": 3, "train_True": 0, "train_False": 0}
+        {"bench": 0, "decode": 0, "decode_compiled": 3, "efficiency_False": 0, "efficiency_True": 0, "train_True": 0,
+         "train_False": 0}
+    for compile in ("False", "True"):   # prefill, memory and end to end, eager and compiled
+        assert {"prefill", "memory", "e2e"} <= set(report[f"efficiency_{compile}"])
     assert "injected failure" in report["parts"]["decode_compiled"]["output_tail"]
     assert report["decode"]["batch_1"]["ratio"] > 0 and report["decode"]["batch_8"]["zip2zip_ops"] > 0
     for compile in ("True", "False"):

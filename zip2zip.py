@@ -22,9 +22,10 @@ NeurIPS 2025, arXiv 2506.01084. The exact codec and output vocabulary are in DES
 
 This file, in order: the LZW codec and the tokenizer; the hyper-batch (each row's codebook,
 position by position); nanoGPT's blocks; the embedding lookups and the hyper-encoder; the exact
-(and canonical) vocabulary; the config; the GPT (forward, its losses, the prefix NLL); and
-generation one code at a time (Stepper). Beside it: fastgen.py (the same generation, batched and
-compiled), kernels.py (fused lookups), evals/ (likelihoods, lm-eval), lib/checks.py (input checks).
+(and canonical) vocabulary; reading one code at a time with a KV cache (Stepper); the config;
+and the GPT (forward, its losses, the prefix NLL, generate). Beside it: fastgen.py (the same
+generation, batched and compiled), kernels.py (fused lookups), evals/ (likelihoods, lm-eval),
+lib/checks.py (input checks).
 """
 
 import math
@@ -523,6 +524,102 @@ def sample(logits, temperature, top_k):
     return nxt.masked_fill(dead, -1)
 
 # -----------------------------------------------------------------------------
+# Reading one code at a time with a KV cache (the Stepper): GPT.generate's loop, and GPT.nll's past
+# the context. fastgen.py runs the same for a batch, as one static step.
+
+
+def context_length(n, block_size):
+    """How many of a row's last codes are in the context once its first n codes are read one at
+    a time: the rule for a full context, written once (the Stepper and fastgen.py follow it). A
+    code that finds the context full keeps the block_size // 2 - 1 codes before it (their keys and
+    values computed again, at positions from 0) and goes on, so past block_size the count cycles
+    from block_size // 2 up to block_size. Example, block_size 16: n = 16 -> 16, 17 -> 8, 25 -> 16."""
+    if n <= block_size:
+        return n
+    keep = block_size // 2
+    return keep + (n - block_size - 1) % (block_size - keep + 1)
+
+
+def cache_dtype(model):
+    """The KV cache's dtype, the one the blocks compute in: autocast's if it is on (bf16 on a
+    GPU), else the weights'."""
+    kind, weights = model.device.type, model.transformer.wte.weight
+    return torch.get_autocast_dtype(kind) if torch.is_autocast_enabled(kind) else weights.dtype
+
+
+def embed_contents(model, contents):
+    """Input and output hyper-embeddings (N, d) of a list of contents (tuples of base ids)."""
+    M, device = model.config.max_subtokens, model.device
+    padded = torch.tensor(pad_contents(contents, M), device=device)                         # (N, M)
+    return model.hyper_tables(padded, torch.tensor([len(e) for e in contents], device=device))
+
+
+class Stepper:
+    """KV-cached reading of one row of codes, one code at a time: read(code) returns the logits of
+    the code after it, (V + n + 1,) with n installed hypertokens (V + n: the pending id).
+
+    It keeps the row's LZW decoder (DESIGN.md 1.1), whose codebook grows as it reads, the
+    hyper-embeddings of the entries (encoded once, when installed) and every layer's keys and
+    values. A full context is cropped as context_length says and goes on: the codebook lives on.
+    """
+
+    def __init__(self, model):
+        c, w = model.config, model.transformer.wte.weight
+        self.model, self.lzw, self.n_read, self.context = model, model.codec(), 0, []   # context: codes in the cache
+        self.table_in = self.table_out = w.new_zeros(0, c.n_embd)       # (n, d): entry j's hyper-embeddings
+        self.nodes = torch.zeros(0, 3, dtype=torch.long, device=w.device)   # (n, 3): entry j as a trie node
+        shape, dtype = (c.n_layer, 1, c.n_head, c.block_size, c.n_embd // c.n_head), cache_dtype(model)
+        self.k, self.v = w.new_zeros(shape, dtype=dtype), w.new_zeros(shape, dtype=dtype)   # (layer, 1, nh, block, hs)
+
+    @torch.no_grad()
+    def read(self, code):
+        c, n = self.model.config, self.lzw.n_entries
+        self.lzw.push(code, self.n_read)          # decode it (ValueError if it is no valid code here)
+        if self.lzw.n_entries > n:                # the entries it installed: encode them once
+            h_in, h_out = embed_contents(self.model, self.lzw.entries[n:])
+            self.table_in, self.table_out = torch.cat([self.table_in, h_in]), torch.cat([self.table_out, h_out])
+            new = torch.tensor(self.lzw.nodes(range(n, self.lzw.n_entries)), device=self.nodes.device)
+            self.nodes = torch.cat([self.nodes, new])
+        self.n_read += 1
+        keep = context_length(self.n_read, c.block_size) - 1   # the codes before this one that stay
+        if keep < len(self.context):              # full: crop, and compute the kept codes again
+            kept, self.context = self.context[len(self.context) - keep:], []
+            for old in kept:
+                self.attend(old)
+        return self.next_logits(self.attend(code))
+
+    def attend(self, code):
+        """Run a code through the blocks at the next position, its keys and values into the cache;
+        returns its final hidden state (d,)."""
+        m, c, pos = self.model, self.model.config, len(self.context)
+        self.context.append(code)
+        x = m.transformer.wte.weight[code] if code < c.vocab_size else self.table_in[code - c.vocab_size]
+        x = (x + m.transformer.wpe.weight[pos])[None, None]                         # (1, 1, d)
+        mask = (torch.arange(c.block_size, device=x.device) <= pos)[None, None, None]  # (1, 1, 1, block): filled slots
+        slot = torch.tensor([[pos]], device=x.device)                               # (1, 1)
+        for i, block in enumerate(m.transformer.h):
+            x = block.forward(x, mask, (self.k[i], self.v[i], slot))   # .forward: not a compiled graph
+        return m.transformer.ln_f(x)[0, 0]
+
+    def next_logits(self, x):
+        """The logits of the next code from the hidden state x (d,): the exact vocabulary (DESIGN.md 2)."""
+        m, c, lzw = self.model, self.model.config, self.lzw
+        base = m.lm_head(x)                                                         # (V,)
+        if not c.has_hypertokens:
+            return base
+        pending, n = lzw.pending(), lzw.n_entries
+        # the pending id scores with its content's vector: hyper column n (zeros when there is none)
+        pending_vec = embed_contents(m, [pending])[1] if pending else x.new_zeros(1, c.n_embd)
+        hyper_logits = torch.cat([self.table_out, pending_vec.to(self.table_out.dtype)]) @ x   # (n + 1,)
+        invalid = torch.arange(n + 1, device=x.device) >= n + (pending is not None)
+        canon = None
+        if c.canonical:
+            t = lambda v: torch.tensor(v, device=x.device)
+            canon = canon_facts(t(lzw.buf), t(n), self.nodes, t((pending or (0,))[0]))
+        return vocabulary_logits_(base, hyper_logits, invalid, canon)
+
+
+# -----------------------------------------------------------------------------
 # The config and the model: nanoGPT's GPT, plus a hyper-encoder for the hypertoken rows
 
 
@@ -759,94 +856,3 @@ class GPT(nn.Module):
                 logits = stepper.read(code)  # read it: new entries, then the next code's logits
             out.append(row)
         return torch.tensor(out, dtype=idx.dtype, device=idx.device) if torch.is_tensor(idx) else out
-
-
-def context_length(n, block_size):
-    """How many of a row's last codes are in the context once its first n codes are read one at
-    a time: the rule for a full context, written once (the Stepper and fastgen.py follow it). A
-    code that finds the context full keeps the block_size // 2 - 1 codes before it (their keys and
-    values computed again, at positions from 0) and goes on, so past block_size the count cycles
-    from block_size // 2 up to block_size. Example, block_size 16: n = 16 -> 16, 17 -> 8, 25 -> 16."""
-    if n <= block_size:
-        return n
-    keep = block_size // 2
-    return keep + (n - block_size - 1) % (block_size - keep + 1)
-
-
-def cache_dtype(model):
-    """The KV cache's dtype, the one the blocks compute in: autocast's if it is on (bf16 on a
-    GPU), else the weights'."""
-    kind, weights = model.device.type, model.transformer.wte.weight
-    return torch.get_autocast_dtype(kind) if torch.is_autocast_enabled(kind) else weights.dtype
-
-
-def embed_contents(model, contents):
-    """Input and output hyper-embeddings (N, d) of a list of contents (tuples of base ids)."""
-    M, device = model.config.max_subtokens, model.device
-    padded = torch.tensor(pad_contents(contents, M), device=device)                         # (N, M)
-    return model.hyper_tables(padded, torch.tensor([len(e) for e in contents], device=device))
-
-
-class Stepper:
-    """KV-cached reading of one row of codes, one code at a time: read(code) returns the logits of
-    the code after it, (V + n + 1,) with n installed hypertokens (V + n: the pending id).
-
-    It keeps the row's LZW decoder (DESIGN.md 1.1), whose codebook grows as it reads, the
-    hyper-embeddings of the entries (encoded once, when installed) and every layer's keys and
-    values. A full context is cropped as context_length says and goes on: the codebook lives on.
-    """
-
-    def __init__(self, model):
-        c, w = model.config, model.transformer.wte.weight
-        self.model, self.lzw, self.n_read, self.context = model, model.codec(), 0, []   # context: codes in the cache
-        self.table_in = self.table_out = w.new_zeros(0, c.n_embd)       # (n, d): entry j's hyper-embeddings
-        self.nodes = torch.zeros(0, 3, dtype=torch.long, device=w.device)   # (n, 3): entry j as a trie node
-        shape, dtype = (c.n_layer, 1, c.n_head, c.block_size, c.n_embd // c.n_head), cache_dtype(model)
-        self.k, self.v = w.new_zeros(shape, dtype=dtype), w.new_zeros(shape, dtype=dtype)   # (layer, 1, nh, block, hs)
-
-    @torch.no_grad()
-    def read(self, code):
-        c, n = self.model.config, self.lzw.n_entries
-        self.lzw.push(code, self.n_read)          # decode it (ValueError if it is no valid code here)
-        if self.lzw.n_entries > n:                # the entries it installed: encode them once
-            h_in, h_out = embed_contents(self.model, self.lzw.entries[n:])
-            self.table_in, self.table_out = torch.cat([self.table_in, h_in]), torch.cat([self.table_out, h_out])
-            new = torch.tensor(self.lzw.nodes(range(n, self.lzw.n_entries)), device=self.nodes.device)
-            self.nodes = torch.cat([self.nodes, new])
-        self.n_read += 1
-        keep = context_length(self.n_read, c.block_size) - 1   # the codes before this one that stay
-        if keep < len(self.context):              # full: crop, and compute the kept codes again
-            kept, self.context = self.context[len(self.context) - keep:], []
-            for old in kept:
-                self.attend(old)
-        return self.next_logits(self.attend(code))
-
-    def attend(self, code):
-        """Run a code through the blocks at the next position, its keys and values into the cache;
-        returns its final hidden state (d,)."""
-        m, c, pos = self.model, self.model.config, len(self.context)
-        self.context.append(code)
-        x = m.transformer.wte.weight[code] if code < c.vocab_size else self.table_in[code - c.vocab_size]
-        x = (x + m.transformer.wpe.weight[pos])[None, None]                         # (1, 1, d)
-        mask = (torch.arange(c.block_size, device=x.device) <= pos)[None, None, None]  # (1, 1, 1, block): filled slots
-        slot = torch.tensor([[pos]], device=x.device)                               # (1, 1)
-        for i, block in enumerate(m.transformer.h):
-            x = block.forward(x, mask, (self.k[i], self.v[i], slot))   # .forward: not a compiled graph
-        return m.transformer.ln_f(x)[0, 0]
-
-    def next_logits(self, x):
-        """The logits of the next code from the hidden state x (d,): the exact vocabulary (DESIGN.md 2)."""
-        m, c, lzw = self.model, self.model.config, self.lzw
-        base = m.lm_head(x)                                                         # (V,)
-        if not c.has_hypertokens:
-            return base
-        pending, n = lzw.pending(), lzw.n_entries
-        # the pending id scores with its content's vector: hyper column n (zeros when there is none)
-        pending_vec = embed_contents(m, [pending])[1] if pending else x.new_zeros(1, c.n_embd)
-        hyper_logits = torch.cat([self.table_out, pending_vec.to(self.table_out.dtype)]) @ x   # (n + 1,)
-        invalid = torch.arange(n + 1, device=x.device) >= n + (pending is not None)
-        canon = None
-        if c.canonical:
-            t = lambda v: torch.tensor(v, device=x.device)
-            canon = canon_facts(t(lzw.buf), t(n), self.nodes, t((pending or (0,))[0]))
-        return vocabulary_logits_(base, hyper_logits, invalid, canon)

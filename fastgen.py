@@ -15,9 +15,10 @@ training uses.
 import copy
 
 import torch
+from torch.nn import functional as F
 
 from lib.checks import prompt_rows
-from zip2zip import (NO_PARENT, Canon, cache_dtype, context_length, embed_contents, pad_contents, sample,
+from zip2zip import (NO_PARENT, Canon, cache_dtype, context_length, embed_contents, pad_contents, tempered,
                      vocabulary_logits_)
 
 
@@ -27,6 +28,26 @@ from zip2zip import (NO_PARENT, Canon, cache_dtype, context_length, embed_conten
 # code may install; the rare code that installs more (a non-canonical stream) has the others
 # written before the step (StaticStepper.advance).
 SLOTS = 2
+
+
+def race(logits, temperature, top_k):
+    """zip2zip.sample with no host sync, and -1 where a row has no valid code (every logit -inf):
+    the next code of each row (B,) from its logits (B, W). A draw is argmax(p / q) with q ~ Exp(1)
+    (the "exponential race": the same distribution as torch.multinomial, which syncs with the
+    host); tests/test_fastgen.py checks that the two agree."""
+    dead = torch.isneginf(logits).all(-1)
+    if temperature == 0 or top_k == 1:
+        return logits.argmax(-1).masked_fill(dead, -1)
+    logits, top = tempered(logits, temperature), None
+    if top_k is not None:
+        logits, top = torch.topk(logits, min(top_k, logits.size(-1)))     # (B, k) and their codes
+    probs = F.softmax(logits, dim=-1)
+    # only codes of positive probability race: a masked code (p = 0) drawn with q = 0 would
+    # score 0 / 0 = NaN, which argmax takes for the largest
+    score = probs / torch.empty_like(probs).exponential_(1)
+    nxt = torch.where(probs > 0, score, -1.0).argmax(-1)
+    nxt = nxt if top is None else top.gather(-1, nxt[:, None])[:, 0]
+    return nxt.masked_fill(dead, -1)
 
 
 def decode_step(model, state, packed, temperature, top_k):
@@ -75,10 +96,9 @@ def decode_step(model, state, packed, temperature, top_k):
         # 4. the hyper logits: column j < n is entry j, column n the pending id (DESIGN.md 2); the
         # mask is training's (zip2zip.vocabulary_logits_), with the trie facts of each table row
         hyper_logits = torch.einsum("bd,bkd->bk", x, state["table_out"])           # (B, C + 1)
-        invalid = state["cols"] >= n_plus[:, None]                                  # (B, C + 1)
         canon = Canon(match, *state["trie"].unbind(-1)) if c.canonical else None  # (B,), (B, C + 1) x 3
-        logits = vocabulary_logits_(logits, hyper_logits, invalid, canon)           # (B, V + C + 1)
-    return logits, sample(logits, temperature, top_k)
+        logits = vocabulary_logits_(logits, hyper_logits, n_plus, canon)            # (B, V + C + 1)
+    return logits, race(logits, temperature, top_k)
 
 
 class StaticStepper:

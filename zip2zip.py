@@ -469,16 +469,17 @@ def canon_facts(match, n, nodes, pending_first):
     return Canon(match, torch.where(col < n, parent, NO_PARENT), first, last.expand_as(first))
 
 
-def vocabulary_logits_(base, hyper_logits, invalid, canon=None):
+def vocabulary_logits_(base, hyper_logits, n_valid, canon=None):
     """The next-code logits over the exact vocabulary (DESIGN.md 2) and, with canon, only the
     canonical codes (DESIGN.md 2.1): the one rule of training, scoring and decoding.
 
     base (..., V): the base logits, masked in place (hence the underscore); hyper_logits (..., K + 1):
     the hypertoken logits, column j < n entry j and column n the pending id (n: the entries
-    installed); invalid (..., K + 1): the columns that are no valid code (j > n, and n when no
-    pending id exists). Returns (..., V + K + 1): column V + j is hypertoken V + j, every invalid
-    or non-canonical code -inf.
+    installed); n_valid (...): the valid hyper columns, n + 1 if a pending id exists, else n.
+    Returns (..., V + K + 1): column V + j is hypertoken V + j, every invalid or non-canonical
+    code -inf.
     """
+    invalid = torch.arange(hyper_logits.size(-1), device=base.device) >= n_valid[..., None]   # (..., K + 1)
     if canon is not None:
         # No code may start with a child of the match (DESIGN.md 2.1): -inf at the children's last
         # base ids, then at each hypertoken that starts with one. The ban is built in the logits'
@@ -499,29 +500,25 @@ def token_nll(logits, targets):
     return nll.float().view(targets.shape)
 
 
-def sample(logits, temperature, top_k):
-    """The next code of each row (B,) from its logits (B, W), -1 where a row has no valid code.
-
-    Greedy when temperature is 0 or top_k is 1; else a draw from softmax(logits / temperature)
-    over the top_k codes, as argmax(p / q) with q ~ Exp(1) (the "exponential race": the same
-    distribution as torch.multinomial, with no host sync)."""
-    dead = torch.isneginf(logits).all(-1)
-    if temperature == 0 or top_k == 1:
-        return logits.argmax(-1).masked_fill(dead, -1)
-    # Subtle: the best logit is shifted to 0 before the division, so a tiny temperature sends the
-    # others to -inf (never inf - inf = NaN): the draw tends to greedy. A divisor below float32's
-    # range would round to 0, so it is held at 1e-30, where the draw is already greedy.
+def tempered(logits, temperature):
+    """logits / temperature, in fp32. Subtle: the best logit is shifted to 0 before the division,
+    so a tiny temperature sends the others to -inf (never inf - inf = NaN) and the draw tends to
+    greedy; a divisor below float32's range would round to 0, so it is held at 1e-30."""
     logits = logits.float()
-    logits, top = (logits - logits.amax(-1, keepdim=True)) / max(temperature, 1e-30), None
-    if top_k is not None:
-        logits, top = torch.topk(logits, min(top_k, logits.size(-1)))     # (B, k) and their codes
-    probs = F.softmax(logits, dim=-1)
-    # only codes of positive probability race: a masked code (p = 0) drawn with q = 0 would
-    # score 0 / 0 = NaN, which argmax takes for the largest
-    race = probs / torch.empty_like(probs).exponential_(1)
-    nxt = torch.where(probs > 0, race, -1.0).argmax(-1)
-    nxt = nxt if top is None else top.gather(-1, nxt[:, None])[:, 0]
-    return nxt.masked_fill(dead, -1)
+    return (logits - logits.amax(-1, keepdim=True)) / max(temperature, 1e-30)
+
+
+def sample(logits, temperature, top_k):
+    """The next code of each row (B,) from its logits (B, W): greedy when temperature is 0 or top_k
+    is 1, else a draw from softmax(logits / temperature) over the top_k codes (fastgen.race: the
+    same draw with no host sync)."""
+    if temperature == 0 or top_k == 1:
+        return logits.argmax(-1)
+    logits = tempered(logits, temperature)
+    if top_k is not None:                   # -inf below the k-th largest logit
+        kth = torch.topk(logits, min(top_k, logits.size(-1))).values[:, -1:]      # (B, 1)
+        logits = logits.masked_fill(logits < kth, float("-inf"))
+    return torch.multinomial(F.softmax(logits, dim=-1), 1)[:, 0]
 
 # -----------------------------------------------------------------------------
 # Reading one code at a time with a KV cache (the Stepper): GPT.generate's loop, and GPT.nll's past
@@ -611,12 +608,9 @@ class Stepper:
         # the pending id scores with its content's vector: hyper column n (zeros when there is none)
         pending_vec = embed_contents(m, [pending])[1] if pending else x.new_zeros(1, c.n_embd)
         hyper_logits = torch.cat([self.table_out, pending_vec.to(self.table_out.dtype)]) @ x   # (n + 1,)
-        invalid = torch.arange(n + 1, device=x.device) >= n + (pending is not None)
-        canon = None
-        if c.canonical:
-            t = lambda v: torch.tensor(v, device=x.device)
-            canon = canon_facts(t(lzw.buf), t(n), self.nodes, t((pending or (0,))[0]))
-        return vocabulary_logits_(base, hyper_logits, invalid, canon)
+        t = lambda v: torch.tensor(v, device=x.device)
+        canon = canon_facts(t(lzw.buf), t(n), self.nodes, t((pending or (0,))[0])) if c.canonical else None
+        return vocabulary_logits_(base, hyper_logits, t(n + (pending is not None)), canon)
 
 
 # -----------------------------------------------------------------------------
@@ -781,12 +775,11 @@ class GPT(nn.Module):
         hyper_logits = torch.cat([x @ table.transpose(1, 2), pending_logit], dim=-1)          # (B, T, K + 1)
         col, n = torch.arange(K + 1, device=x.device), hyper.n_installed[..., None]            # (K + 1,), (B, T, 1)
         hyper_logits = torch.where(col == n, pending_logit, hyper_logits)     # the pending id is V + n
-        invalid = col >= n + (hyper.pending_index >= 0)[..., None]            # (B, T, K + 1)
         canon = None
         if self.config.canonical:   # the pending content's first base id (0: none) at each position
             pending_first = torch.cat([hyper.contents[:, 0], hyper.contents.new_zeros(1)])[hyper.pending_index]
             canon = canon_facts(hyper.match, hyper.n_installed, hyper.nodes[:, None], pending_first)
-        return vocabulary_logits_(base, hyper_logits, invalid, canon)
+        return vocabulary_logits_(base, hyper_logits, hyper.n_installed + (hyper.pending_index >= 0), canon)
 
     def reconstruction_loss(self, h, contents, lengths):
         """The paper's auxiliary loss: each slot's base id from the hyper-embedding, by f_psi.
@@ -800,8 +793,8 @@ class GPT(nn.Module):
         return token_nll(logits, target).sum() / (target >= 0).sum().clamp(min=1)
 
     # -------------------------------------------------------------------------
-    # The prefix NLL (DESIGN.md 2.2), which training's evaluation reports: P(the model's text starts
-    # with this one). evals/ builds conditional likelihoods and multi-view sums on it.
+    # The prefix NLL (DESIGN.md 2.2) that training's evaluation reports: -log P(the model's text
+    # starts with this one). evals/likelihood.py builds every other likelihood on the same rule.
 
     def last_code_choices(self, codes):
         """The codes that may stand at the last position of `codes` when their text goes on: every
@@ -810,30 +803,6 @@ class GPT(nn.Module):
         for t, code in enumerate(codes[:-1]):
             lzw.push(code, t)
         return lzw.starting_with(lzw.resolve(codes[-1], len(codes) - 1))
-
-    @torch.no_grad()
-    def next_logprobs(self, codes):
-        """The next code's log-distribution after each of `codes`, in order: from one forward pass
-        when they fit the context, else one at a time from a Stepper, which crops the context as
-        generation does (so a long text never holds all of its log-probs at once)."""
-        if len(codes) <= self.config.block_size:
-            yield from F.log_softmax(self(torch.tensor([codes], device=self.device))[0][0].float(), dim=-1)
-            return
-        stepper = Stepper(self)
-        for code in codes:
-            yield F.log_softmax(stepper.read(code).float(), dim=-1)
-
-    def nll(self, codes, prefix=True):
-        """Negative log-likelihood (nats) of codes[1:] given codes[0], one sequence. prefix=True:
-        that the model's text starts with theirs (DESIGN.md 2.2: the last term sums every code
-        that may stand at the last position); prefix=False: of exactly this finished stream."""
-        codes = as_ids(codes, "codes")
-        if len(codes) < 2:
-            return 0.0
-        last, nll = self.last_code_choices(codes) if prefix else codes[-1:], 0.0
-        for t, logp in enumerate(self.next_logprobs(codes[:-1]), 1):     # logp: code t's log-distribution
-            nll = nll - (logp[codes[t]] if t < len(codes) - 1 else logp[last].logsumexp(0))
-        return nll.item()
 
     # -------------------------------------------------------------------------
     # Generation, one code at a time (fastgen.py: the same, batched and compiled)
@@ -849,9 +818,9 @@ class GPT(nn.Module):
             for code in row:                 # read the prompt: its codebook grows as it is read
                 logits = stepper.read(code)
             for _ in range(max_new_tokens):
-                code = sample(logits[None], temperature, top_k).item()      # draw the next code
-                if code < 0:   # only possible with a canonical model and no disabled id (DESIGN.md 2.1)
+                if torch.isneginf(logits).all():   # only with a canonical model and no disabled id (DESIGN.md 2.1)
                     raise ValueError(f"row {b} has no valid next code: every code is masked")
+                code = sample(logits[None], temperature, top_k).item()      # draw the next code
                 row.append(code)
                 logits = stepper.read(code)  # read it: new entries, then the next code's logits
             out.append(row)

@@ -4,20 +4,48 @@ conditional likelihoods of continuations given a context (what lm-eval's loglike
 and the NLL and bytes of a whole text (bits per byte). Exact for a canonical model; multiview.py
 sums the same quantities over segmentations, for any model (DESIGN.md 5).
 
-Both rest on the prefix probability of zip2zip.GPT.nll: a model writes on past any text, so the
-likelihood of a text is the probability that the model's base tokens *start with* it, and at the
-text's last code every valid code that spells the rest of it and may run past it counts.
+All rest on the prefix probability (nll below, with zip2zip.GPT.last_code_choices): a model writes
+on past any text, so the likelihood of a text is the probability that the model's base tokens
+*start with* it, and at the text's last code every valid code that spells the rest of it and may
+run past it counts.
 
     from evals import likelihood
     likelihood.loglikelihood(model, context_ids, continuation_ids)   # log P(continuation | context)
     likelihood.score(model, "def f(x):", tokenizer)                    # (NLL in nats, UTF-8 bytes)
+    likelihood.nll(model, codes)                                       # -log P_prefix of a code stream
 """
 
 import torch
 from torch.nn import functional as F
 
 from lib.checks import as_ids, check_base_ids
-from zip2zip import lzw_encode
+from zip2zip import Stepper, lzw_encode
+
+
+@torch.no_grad()
+def next_logprobs(model, codes):
+    """The next code's log-distribution after each of `codes`, in order: from one forward pass
+    when they fit the context, else one at a time from a zip2zip.Stepper, which crops the context
+    as generation does (so a long text never holds all of its log-probs at once)."""
+    if len(codes) <= model.config.block_size:
+        yield from F.log_softmax(model(torch.tensor([codes], device=model.device))[0][0].float(), dim=-1)
+        return
+    stepper = Stepper(model)
+    for code in codes:
+        yield F.log_softmax(stepper.read(code).float(), dim=-1)
+
+
+def nll(model, codes, prefix=True):
+    """Negative log-likelihood (nats) of codes[1:] given codes[0], one sequence. prefix=True:
+    that the model's text starts with theirs (DESIGN.md 2.2: the last term sums every code
+    that may stand at the last position); prefix=False: of exactly this finished stream."""
+    codes = as_ids(codes, "codes")
+    if len(codes) < 2:
+        return 0.0
+    last, total = model.last_code_choices(codes) if prefix else codes[-1:], 0.0
+    for t, logp in enumerate(next_logprobs(model, codes[:-1]), 1):     # logp: code t's log-distribution
+        total = total - (logp[codes[t]] if t < len(codes) - 1 else logp[last].logsumexp(0))
+    return total.item()
 
 
 @torch.no_grad()
@@ -25,7 +53,7 @@ def code_logprobs(model, rows, keep):
     """Teacher-force each row of codes. Returns, per row, (lp, dist): lp (n-1,) the log-prob of
     code t given the codes before it, t = 1..n-1; dist (n - keep, W) the whole next-code
     log-distribution at positions t = keep..n-1 (the row's keep). Rows that fit the context
-    share one forward pass; a longer row is read by GPT.next_logprobs, which crops it as
+    share one forward pass; a longer row is read by next_logprobs, which crops it as
     generation does."""
     c, out = model.config, []
     short = [i for i, r in enumerate(rows) if len(r) <= c.block_size + 1]
@@ -41,7 +69,7 @@ def code_logprobs(model, rows, keep):
             out.append((lp.gather(-1, torch.tensor(row[1:], device=lp.device)[:, None])[:, 0], lp[k - 1:]))
             continue
         lp, dist = [], []
-        for t, step_logp in enumerate(model.next_logprobs(row[:-1]), 1):    # (V + n_t + 1,): code t's
+        for t, step_logp in enumerate(next_logprobs(model, row[:-1]), 1):    # (V + n_t + 1,): code t's
             lp.append(step_logp[row[t]])
             dist += [F.pad(step_logp, (0, width - step_logp.size(0)), value=float("-inf"))] if t >= k else []
         out.append((torch.stack(lp), torch.stack(dist)))
@@ -51,7 +79,7 @@ def code_logprobs(model, rows, keep):
 @torch.no_grad()
 def loglikelihoods(model, context, continuations):
     """[(log P(continuation | context) in nats, is_greedy)] for several continuations of one
-    context (lists of base ids; the context's first id is the start, as in GPT.nll).
+    context (lists of base ids; the context's first id is the start, as in nll).
 
     log P(cont | ctx) = log P_prefix(ctx + cont) - log P_prefix(ctx) (DESIGN.md 2.2): exact for
     a canonical model (multiview.loglikelihoods sums over segmentations, for any model).
@@ -114,4 +142,4 @@ def score(model, text, tokenizer):
     c = model.config
     codes = lzw_encode(text_ids(model, text, tokenizer), c.vocab_size, c.max_codebook_size, c.max_subtokens,
                        c.disabled_ids)
-    return model.nll(codes), len(text.encode("utf-8"))   # a literal <|endoftext|> in the text is text: 13 bytes
+    return nll(model, codes), len(text.encode("utf-8"))   # a literal <|endoftext|> in the text is text: 13 bytes

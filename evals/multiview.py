@@ -1,7 +1,7 @@
 """
 The multi-view likelihood of a text (DESIGN.md 5): the probability that a model's text starts
 with it, summed over the code streams that spell it, for any zip2zip model: marginal_nll,
-loglikelihoods and score, the multi-view forms of GPT.nll and likelihood.loglikelihoods and score.
+loglikelihoods and score, the multi-view forms of likelihood.nll, loglikelihoods and score.
 
 Many code streams spell the same text: the canonical one, and every one that writes a run of base
 tokens in smaller pieces than the greedy encoder would. An unmasked model (canonical=False)

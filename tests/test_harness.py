@@ -80,9 +80,10 @@ def test_rolling_is_the_prefix_nll_of_the_whole_document(lm):
     assert len(codes) > c.block_size + 1
     short = "x = 1\n"
     got = lm.loglikelihood_rolling([req("loglikelihood_rolling", doc), req("loglikelihood_rolling", short)])
-    assert got[0] == pytest.approx(-lm.model.nll(codes), rel=1e-6)
-    assert got[1] == pytest.approx(-lm.model.nll(lzw_encode([tok.eot] + tok.encode_base(short), c.vocab_size,
-                                                            c.max_codebook_size, c.max_subtokens, c.disabled_ids)))
+    assert got[0] == pytest.approx(-likelihood.nll(lm.model, codes), rel=1e-6)
+    short_codes = lzw_encode([tok.eot] + tok.encode_base(short), c.vocab_size, c.max_codebook_size, c.max_subtokens,
+                             c.disabled_ids)
+    assert got[1] == pytest.approx(-likelihood.nll(lm.model, short_codes))
 
 
 def greedy_base_ids(model, tok, context, n):

@@ -63,7 +63,7 @@ def test_prefix_probability_equals_the_brute_force_sum(kind):
         for model in (canonical, unmasked):
             brute = -torch.logsumexp(torch.tensor([stream_logp(model, s) for s in streams]), 0).item()
             assert multiview.marginal_nll(model, ids, EVERY_PATH) == pytest.approx(brute, abs=1e-4)
-        assert canonical.nll(z.lzw_encode(ids, V, C, M, (D,))) == pytest.approx(
+        assert likelihood.nll(canonical, z.lzw_encode(ids, V, C, M, (D,))) == pytest.approx(
             multiview.marginal_nll(canonical, ids, EVERY_PATH), abs=1e-4)
 
 
@@ -77,7 +77,7 @@ def test_a_path_to_a_dead_end_has_probability_zero():
                               max_codebook_size=16, disabled_ids=(), canonical=True, hyper_n_embd=8,
                               hyper_n_head=2)).eval()
     for ids in ([0, 0, 1, 0, 0], [0, 0, 1, 0, 1, 0, 0, 1]):
-        nll = model.nll(z.lzw_encode(ids, 2, 16, 3, ()))
+        nll = likelihood.nll(model, z.lzw_encode(ids, 2, 16, 3, ()))
         for beam in (1, 4, EVERY_PATH):
             assert multiview.marginal_nll(model, ids, beam) == pytest.approx(nll, abs=1e-4), (ids, beam)
         assert multiview.loglikelihood(model, ids[:2], ids[2:], 4) == pytest.approx(

@@ -231,15 +231,16 @@ def test_generation_past_the_context_and_long_scoring():
     with torch.no_grad():
         for prev, code in zip(codes, codes[1:]):
             total -= F.log_softmax(stepper.read(prev), -1)[code].item()
-        assert model.nll(codes, prefix=False) == pytest.approx(total, abs=1e-3)
+        assert likelihood.nll(model, codes, prefix=False) == pytest.approx(total, abs=1e-3)
         # the prefix NLL's last term sums the codes that may stand last (DESIGN.md 2.2)
         stepper = z.Stepper(model)
         for code in codes[:-2]:
             stepper.read(code)
         step = F.log_softmax(stepper.read(codes[-2]), -1)
         prefix = total + step[codes[-1]].item() - step[model.last_code_choices(codes)].logsumexp(0).item()
-        assert model.nll(codes) == pytest.approx(prefix, abs=1e-3) and model.nll(codes) <= total + 1e-4
-        assert model.nll(codes_of(4, model, 49)) > 0
+        nll = likelihood.nll(model, codes)
+        assert nll == pytest.approx(prefix, abs=1e-3) and nll <= total + 1e-4
+        assert likelihood.nll(model, codes_of(4, model, 49)) > 0
 
 
 def test_plain_model_when_max_subtokens_is_one():
@@ -420,9 +421,9 @@ def test_canonical_model_gives_one_stream_per_text(seed):
     model, unmasked = small(True), small(False)
     logp = {tuple(s): stream_logp(model, s) for s in streams}
     assert all((lp > float("-inf")) == (list(s) == canonical) for s, lp in logp.items())
-    assert model.nll(canonical, prefix=False) == pytest.approx(-logp[tuple(canonical)], abs=1e-4)
+    assert likelihood.nll(model, canonical, prefix=False) == pytest.approx(-logp[tuple(canonical)], abs=1e-4)
     for beam in (1, 2, 64):   # the canonical (prefix) NLL is the marginal, whatever the beam
-        assert multiview.marginal_nll(model, ids, beam) == pytest.approx(model.nll(canonical), abs=1e-4)
+        assert multiview.marginal_nll(model, ids, beam) == pytest.approx(likelihood.nll(model, canonical), abs=1e-4)
     # unmasked: every stream has probability; a beam that holds them all sums them exactly (the
     # brute force of the prefix sum is in test_likelihood.py), and a narrower beam finds less
     exact = multiview.marginal_nll(unmasked, ids, 10 ** 6)
@@ -434,7 +435,7 @@ def test_canonical_model_gives_one_stream_per_text(seed):
 def test_marginal_equals_the_nll_of_a_canonical_model_on_real_streams():
     model = tiny()
     ids = [EOT] + stream(5, 40)
-    nll = model.nll(z.lzw_encode(ids, V, C, M, (EOT,)))
+    nll = likelihood.nll(model, z.lzw_encode(ids, V, C, M, (EOT,)))
     for beam in (1, 3, 16):
         assert multiview.marginal_nll(model, ids, beam) == pytest.approx(nll, abs=1e-3)
     with pytest.raises(ValueError, match="beam_size"):
@@ -485,15 +486,16 @@ def test_extreme_temperatures_are_refused_or_greedy():
 
 def test_a_draw_never_picks_a_masked_code(monkeypatch):
     logits = torch.tensor([[float("-inf"), 1.0, float("-inf"), 3.0], [2.0, float("-inf"), float("-inf"), 0.5]])
-    for t in (1.0, 1e-38):
-        for top_k in (None, 3):
-            for _ in range(50):
-                assert z.sample(logits, t, top_k).tolist() in ([1, 0], [1, 3], [3, 0], [3, 3])
+    for draw in (z.sample, fastgen.race):
+        for t in (1.0, 1e-38):
+            for top_k in (None, 3):
+                for _ in range(50):
+                    assert draw(logits, t, top_k).tolist() in ([1, 0], [1, 3], [3, 0], [3, 3])
     # the exponential race divides by q ~ Exp(1); a q of 0 made 0 / 0 = NaN for a masked code,
     # which argmax takes for the largest
     monkeypatch.setattr(torch.Tensor, "exponential_", lambda self, lambd=1: self.zero_())
     for top_k in (None, 3):
-        assert z.sample(logits, 1.0, top_k).tolist() in ([1, 0], [1, 3], [3, 0], [3, 3])
+        assert fastgen.race(logits, 1.0, top_k).tolist() in ([1, 0], [1, 3], [3, 0], [3, 3])
 
 def test_the_context_holds_at_least_two_codes():
     for block_size in (1, 0):   # a full context keeps its last block_size // 2 codes: none of 1
@@ -501,7 +503,7 @@ def test_the_context_holds_at_least_two_codes():
             tiny(block_size=block_size)
     model = tiny(block_size=2)
     codes = codes_of(0, model, 12)
-    assert len(model.generate([codes[:1]], 5, top_k=1)[0]) == 6 and model.nll(codes) > 0
+    assert len(model.generate([codes[:1]], 5, top_k=1)[0]) == 6 and likelihood.nll(model, codes) > 0
 
 # -----------------------------------------------------------------------------
 # precision and the static decoding step

@@ -25,6 +25,7 @@ import torch
 
 import train
 import zip2zip
+from evals import likelihood
 from lib import adapt, cli, loader, meter, outdir
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -155,7 +156,7 @@ def test_eval_matches_model_nll_on_the_same_text(data_dir, tok):
     assert [w[1:] for w in windows] == [w[1:] for w in plain]          # identical text for every model
     assert all(zip2zip.lzw_decode(w[0], 50257, 1024, 4, (tok.eot,)) == p[0] for w, p in zip(windows, plain))
     m = train.estimate_loss(model, windows, 2, nullcontext())
-    nll = sum(model.nll(codes) for codes, _, _ in windows)
+    nll = sum(likelihood.nll(model, codes) for codes, _, _ in windows)
     assert m["bpb"] == pytest.approx(nll / (math.log(2) * sum(w[2] for w in windows)), rel=1e-5)
     assert m["ratio"] == pytest.approx(sum(len(w[0]) - 1 for w in windows) / (5 * 32))
     assert m == pytest.approx(train.estimate_loss(model, windows, 3, nullcontext()))  # nor batching

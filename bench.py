@@ -507,7 +507,7 @@ def e2e_text(tok, ids, config, n_bytes):
     lzw.feed(ids, codes)
     lzw.flush(codes)
     lzw = LZW(c.vocab_size, c.max_codebook_size, c.max_subtokens, c.disabled_ids)
-    spans = np.cumsum([0] + [len(lzw.push(code)[0]) for code in codes]).tolist()   # ids before each code
+    spans = np.cumsum([0] + [len(lzw.push(code)) for code in codes]).tolist()   # ids before each code
     for P in range(1, len(codes)):
         k = spans[P]
         if k >= len(ids) // 4 and tok.encode_base(prompt := tok.decode_base(ids[:k])) == ids[:k]:

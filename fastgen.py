@@ -15,10 +15,9 @@ training uses.
 import copy
 
 import torch
-from torch.nn import functional as F
 
 from lib.checks import prompt_rows
-from zip2zip import (NO_PARENT, Canon, cache_dtype, context_length, embed_contents, pad_contents, tempered,
+from zip2zip import (NO_PARENT, cache_dtype, context_length, embed_contents, pad_contents, sample,
                      vocabulary_logits_)
 
 
@@ -30,24 +29,13 @@ from zip2zip import (NO_PARENT, Canon, cache_dtype, context_length, embed_conten
 SLOTS = 2
 
 
-def race(logits, temperature, top_k):
-    """zip2zip.sample with no host sync, and -1 where a row has no valid code (every logit -inf):
-    the next code of each row (B,) from its logits (B, W). A draw is argmax(p / q) with q ~ Exp(1)
-    (the "exponential race": the same distribution as torch.multinomial, which syncs with the
-    host); tests/test_fastgen.py checks that the two agree."""
-    dead = torch.isneginf(logits).all(-1)
-    if temperature == 0 or top_k == 1:
-        return logits.argmax(-1).masked_fill(dead, -1)
-    logits, top = tempered(logits, temperature), None
-    if top_k is not None:
-        logits, top = torch.topk(logits, min(top_k, logits.size(-1)))     # (B, k) and their codes
-    probs = F.softmax(logits, dim=-1)
-    # only codes of positive probability race: a masked code (p = 0) drawn with q = 0 would
-    # score 0 / 0 = NaN, which argmax takes for the largest
+def race(probs):
+    """A draw of one code per row from probs (B, W), as torch.multinomial's but with no host sync:
+    argmax(p / q) with q ~ Exp(1), the "exponential race" (tests/test_fastgen.py checks that the
+    two agree). Only codes of positive probability race: a masked code (p = 0) drawn with q = 0
+    would score 0 / 0 = NaN, which argmax takes for the largest."""
     score = probs / torch.empty_like(probs).exponential_(1)
-    nxt = torch.where(probs > 0, score, -1.0).argmax(-1)
-    nxt = nxt if top is None else top.gather(-1, nxt[:, None])[:, 0]
-    return nxt.masked_fill(dead, -1)
+    return torch.where(probs > 0, score, -1.0).argmax(-1)
 
 
 def decode_step(model, state, packed, temperature, top_k):
@@ -96,9 +84,10 @@ def decode_step(model, state, packed, temperature, top_k):
         # 4. the hyper logits: column j < n is entry j, column n the pending id (DESIGN.md 2); the
         # mask is training's (zip2zip.vocabulary_logits_), with the trie facts of each table row
         hyper_logits = torch.einsum("bd,bkd->bk", x, state["table_out"])           # (B, C + 1)
-        canon = Canon(match, *state["trie"].unbind(-1)) if c.canonical else None  # (B,), (B, C + 1) x 3
+        canon = (match, *state["trie"].unbind(-1)) if c.canonical else None       # (B,), (B, C + 1) x 3
         logits = vocabulary_logits_(logits, hyper_logits, n_plus, canon)            # (B, V + C + 1)
-    return logits, race(logits, temperature, top_k)
+    dead = torch.isneginf(logits).all(-1)                                           # (B,): no valid code
+    return logits, sample(logits, temperature, top_k, draw=race).masked_fill(dead, -1)
 
 
 class StaticStepper:
@@ -157,7 +146,7 @@ class StaticStepper:
             for t, code in enumerate(row):
                 lzw.push(code, t)
         if c.has_hypertokens:
-            self._install([(b, j) for b, lzw in enumerate(self.lzw) for j in range(lzw.n_entries)])
+            self._install([(b, j) for b, lzw in enumerate(self.lzw) for j in range(len(lzw.entries))])
         self.filled = [0] * B     # codes in each row's cache
         last = [row[-1] for row in self.rows]
         # each row's context as zip2zip.Stepper leaves it after reading the prompt
@@ -207,7 +196,7 @@ class StaticStepper:
         and the entry `new` (a range of at most one index j) that reading it installed."""
         c, lzw = self.model.config, self.lzw[b]
         V, C, M = c.vocab_size, c.max_codebook_size, c.max_subtokens
-        pending, n = lzw.pending(), lzw.n_entries
+        pending, n = lzw.pending(), len(lzw.entries)
         head = [[code if code < V else 0], [code - V if code >= V else C], [self.filled[b]],
                 [n + (pending is not None)], [lzw.buf]]
         self.filled[b] += 1
@@ -236,14 +225,14 @@ class StaticStepper:
         the next-code logits and draw the next codes."""
         c, parts, more = self.model.config, [], []
         for b, (lzw, code) in enumerate(zip(self.lzw, codes)):
-            n = lzw.n_entries
+            n = len(lzw.entries)
             lzw.push(code, len(self.rows[b]))
             self.rows[b].append(code)
             keep = context_length(len(self.rows[b]), c.block_size) - 1   # the codes before this one that stay
             if keep < self.filled[b]:            # the context is full: crop it as zip2zip.context_length says
                 self._refill(slice(b, b + 1), [self.rows[b][len(self.rows[b]) - 1 - keep:-1]])
-            more += [(b, j) for j in range(n + 1, lzw.n_entries)]   # beyond the one the step writes
-            parts.append(self._pack(b, code, range(n, min(n + 1, lzw.n_entries))))
+            more += [(b, j) for j in range(n + 1, len(lzw.entries))]   # beyond the one the step writes
+            parts.append(self._pack(b, code, range(n, min(n + 1, len(lzw.entries)))))
         self._install(more)
         self._run(parts)
 

@@ -19,7 +19,7 @@ from dataclasses import dataclass, field
 import torch
 
 import fastgen
-from lib import cli
+from lib import cli, report
 from zip2zip import lzw_decode, lzw_encode
 
 
@@ -83,7 +83,7 @@ def main(argv=None):
     ids = [tok.eot] + tok.encode_base(text)
     prompt = lzw_encode(ids, *settings)
     c = model.config
-    print(f"model: {model.get_num_params() / 1e6:.1f}M parameters, M={c.max_subtokens}, "
+    print(f"model: {report.n_params(model) / 1e6:.1f}M parameters, M={c.max_subtokens}, "
           f"C={c.max_codebook_size}, context {c.block_size} codes; prompt: {len(ids) - 1} base tokens "
           f"in {len(prompt) - 1} codes")
     if len(prompt) > 1:   # the prompt once, apart from what the model writes after it

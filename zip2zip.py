@@ -9,28 +9,21 @@ text and is rebuilt by the reader from the codes alone, so nothing but the codes
 What differs from a plain GPT (nanoGPT's model.py):
 1. The input embedding of a hypertoken is computed on the fly by a small *hyper-encoder* from
    the embeddings of its base tokens.
-2. The output layer scores the base vocabulary plus, per sequence and per position, exactly the
-   hypertokens the reader knows at that point (and the one it may learn this very step). The
-   same hyper-encoder vectors serve as unembeddings (tied weights), so the model can emit
-   hypertokens it has never seen in training.
-3. An auxiliary loss asks each hyper-embedding to remember its base tokens (the paper's
-   reconstruction loss).
+2. The output layer scores the base vocabulary plus exactly the hypertokens the reader knows at
+   each position (and the one it may learn this very step), with the same hyper-encoder vectors
+   as unembeddings (tied weights): the model can emit hypertokens it never saw in training.
+3. An auxiliary loss asks each hyper-embedding to remember its base tokens (reconstruction loss).
 With max_subtokens=1 nothing is ever merged and the model is exactly a plain GPT.
 
 Reference: Geng et al., "zip2zip: Inference-Time Adaptive Tokenization via Online Compression",
 NeurIPS 2025, arXiv 2506.01084. The exact codec and output vocabulary are in DESIGN.md.
 
-This file, in order: the LZW codec and the tokenizer; the hyper-batch (each row's codebook,
-position by position); nanoGPT's blocks; the embedding lookups and the hyper-encoder; the exact
-(and canonical) vocabulary; reading one code at a time with a KV cache (Stepper); the config;
-and the GPT (forward, its losses, the prefix NLL, generate). Beside it: fastgen.py (the same
-generation, batched and compiled), kernels.py (fused lookups), evals/ (likelihoods, lm-eval),
-lib/checks.py (input checks).
+Beside this file: fastgen.py (the same generation, batched and compiled), kernels.py (the
+lookups fused), evals/ (likelihoods, lm-eval), lib/checks.py (input checks).
 """
 
 import math
 from dataclasses import dataclass, fields, replace
-from typing import NamedTuple
 
 import numpy as np
 import torch
@@ -38,28 +31,23 @@ import torch.nn as nn
 from torch.nn import functional as F
 
 from data.common import gpt2_bpe, token_byte_lengths
-from lib.checks import as_ids, base_ids, check_config, check_targets, prompt_rows
+from lib.checks import as_ids, base_ids, check_codec, check_config, check_targets, prompt_rows
+
 
 # -----------------------------------------------------------------------------
 # LZW codec (DESIGN.md 1, with worked examples). One state machine serves the encoder and the
 # decoder: the decoder feeds the base tokens of each code it reads into an encoder, whose
 # codebook *is* the decoder's codebook (DESIGN.md 1.1: the "pending" id, KwKwK, is why).
-
-
 class LZW:
     """Online LZW state over base ids 0..V-1; hypertoken V+i is the i-th entry ever created.
-
     vocab_size V: hypertoken ids start here.  max_codebook_size C: at most C entries.
     max_subtokens M: longest hypertoken in base tokens (a match reaching M is emitted at once).
     disabled_ids D: never merged (e.g. <|endoftext|>); each one is a wall between matches.
     The rule step by step, with a dict of tuples: tests/naive_lzw.py, which DESIGN.md 1 quotes;
-    this class is the same codec made fast (a trie with integer keys, the match held as its id).
-    """
+    this class is the same codec made fast (a trie with integer keys, the match held as its id)."""
 
     def __init__(self, vocab_size, max_codebook_size, max_subtokens, disabled_ids=()):
-        if vocab_size < 1 or max_codebook_size < 0 or max_subtokens < 1:
-            raise ValueError(f"need vocab_size >= 1, max_codebook_size >= 0, max_subtokens >= 1; "
-                             f"got {vocab_size}, {max_codebook_size}, {max_subtokens}")
+        check_codec(vocab_size, max_codebook_size, max_subtokens)
         self.V, self.C, self.M = vocab_size, max_codebook_size, max_subtokens
         self.disabled = frozenset(int(d) for d in disabled_ids)
         self.entries = []   # entries[i]: tuple of base ids of hypertoken V+i
@@ -114,12 +102,8 @@ class LZW:
             out.append(self.buf)
         self.buf, self.length = -1, 0
 
-    @property
-    def n_entries(self):
-        return len(self.entries)
-
     def pending(self):
-        """Content of the pending id V + n_entries (DESIGN.md 1.1: the match plus its own first
+        """Content of the pending id V + len(entries) (DESIGN.md 1.1: the match plus its own first
         token), or None when the next code cannot be it. (The match is always shorter than M
         here: a match of length M was emitted at once.)"""
         if self.buf < 0 or len(self.entries) >= self.C:
@@ -140,12 +124,8 @@ class LZW:
         its content does. These are the codes that may stand where a text ending in `ids` goes on
         (DESIGN.md 2.2). Example: entries [1,2] [2,1] and pending [1,2,1]: (1,2) -> [V, V+2]."""
         ids, L = tuple(ids), len(ids)
-        codes = [ids[0]] if L == 1 else []
-        codes += [self.V + j for j, e in enumerate(self.entries) if e[:L] == ids]
-        pending = self.pending()
-        if pending is not None and pending[:L] == ids:
-            codes.append(self.V + len(self.entries))
-        return codes
+        known = self.entries + [self.pending() or ()]        # the pending id is V + len(entries)
+        return ([ids[0]] if L == 1 else []) + [self.V + j for j, e in enumerate(known) if e[:L] == ids]
 
     def resolve(self, code, position=None):
         """Base ids of the next code to read, or ValueError if this state cannot read it."""
@@ -161,11 +141,10 @@ class LZW:
                          f"hypertoken < {self.V + n}, or the pending id {self.V + n} when one exists")
 
     def push(self, code, position=None):
-        """Decoder step: read one code. Returns (its base ids, the ids of the entries it installed)."""
+        """Decoder step: read one code (the entries it completes are installed); returns its base ids."""
         ids = self.resolve(code, position)
-        n = len(self.entries)
         self.feed(ids, [])
-        return ids, range(self.V + n, self.V + len(self.entries))
+        return ids
 
 
 def lzw_encode(ids, vocab_size, max_codebook_size, max_subtokens, disabled_ids=()):
@@ -187,34 +166,28 @@ def lzw_decode(codes, vocab_size, max_codebook_size, max_subtokens, disabled_ids
             continue
         # Entries are only ever added, so the state needs to catch up on the ids decoded so far
         # only for a hypertoken it does not know yet (a newer entry, the pending id, or invalid).
-        if code - vocab_size >= lzw.n_entries:
+        if code - vocab_size >= len(lzw.entries):
             lzw.feed(ids[fed:], [])
             fed = len(ids)
         ids.extend(lzw.resolve(code, i))
     return ids
 
+
 # -----------------------------------------------------------------------------
-# Tokenizer: text -> GPT-2 BPE base ids (tiktoken r50k_base, data/common.py) -> LZW codes, and back
-
-
+# The tokenizer: text -> GPT-2 BPE base ids (tiktoken's r50k_base) -> LZW codes, and back
 class Tokenizer:
     """GPT-2 BPE, then LZW. `<|endoftext|>` is a disabled id: nothing merges across documents.
-
     no_digit_merges=True also disables every base token that contains a digit, so numbers are
-    always spelled in plain BPE tokens (the paper's math results degrade most under merging).
-    """
+    always spelled in plain BPE tokens (the paper's math results degrade most under merging)."""
 
     def __init__(self, max_subtokens=4, max_codebook_size=1024, no_digit_merges=False):
-        self.bpe = gpt2_bpe()
-        self.vocab_size = self.bpe.n_vocab
-        self.eot = self.bpe.eot_token
+        self.bpe = gpt2_bpe()                   # loaded from data/r50k_base.tiktoken (data/common.py)
+        self.vocab_size, self.eot = self.bpe.n_vocab, self.bpe.eot_token
         self.max_subtokens, self.max_codebook_size = max_subtokens, max_codebook_size
         self.token_bytes = [self.bpe.decode_single_token_bytes(i) for i in range(self.vocab_size)]
         self.byte_lengths = token_byte_lengths(self.bpe)   # UTF-8 bytes per base id (<|endoftext|>: 0)
-        disabled = {self.eot}
-        if no_digit_merges:
-            disabled |= {i for i, b in enumerate(self.token_bytes) if any(48 <= c <= 57 for c in b)}
-        self.disabled_ids = frozenset(disabled)
+        digits = [i for i, b in enumerate(self.token_bytes) if any(48 <= c <= 57 for c in b)]
+        self.disabled_ids = frozenset([self.eot] + (digits if no_digit_merges else []))
 
     def codec(self):
         """A fresh LZW state with this tokenizer's settings (for incremental decoding)."""
@@ -240,6 +213,7 @@ class Tokenizer:
         """UTF-8 bytes of the text that base ids stand for (the denominator of bits per byte)."""
         return int(self.byte_lengths[np.asarray(ids, dtype=np.int64)].sum())
 
+
 # -----------------------------------------------------------------------------
 # The hyper-batch: each row's codebook, position by position. Decode the row and record after each
 # code t the entries installed (n_t), the encoder's current match and the pending content (if any).
@@ -247,7 +221,6 @@ class Tokenizer:
 # batch and encoded once. Example (V=100, M=4), row [7, 100]:
 #   after 7: n=0, match 7, pending (7,7) | after 100: n=1 (100=[7,7]), match 100, pending (7,7,7)
 #   contents [(7,7), (7,7,7)]; entry_index[0] = [0]; nodes[0] = [(7, 7, 7)]; pending_index[0] = [0, 1]
-
 NO_PARENT = -2   # the trie parent of a column that holds no installed entry (a pad, the pending id):
                  # never a match's id (-1: no match), so such a column is nobody's child (DESIGN.md 2.1)
 
@@ -281,11 +254,11 @@ def hyper_batch(rows, vocab_size, max_codebook_size, max_subtokens, disabled_ids
         lzw, n_row, match, pending = LZW(vocab_size, max_codebook_size, max_subtokens, disabled_ids), [], [], []
         for t, code in enumerate(row):     # decode; after each code, record what the reader knows
             lzw.feed(lzw.resolve(code, t) if code >= vocab_size else (code,), [])
-            n_row.append(lzw.n_entries)
+            n_row.append(len(lzw.entries))
             match.append(lzw.buf)          # the current match's id; -1: none
             pending.append(lzw.pending())  # the pending content; None: no pending id
         entry_index.append([content_id(e) for e in lzw.entries])
-        nodes.append(lzw.nodes(range(lzw.n_entries)))
+        nodes.append(lzw.nodes(range(len(lzw.entries))))
         n_installed.append(n_row)
         matches.append(match)
         pending_index.append([-1 if p is None else content_id(p) for p in pending])
@@ -300,10 +273,9 @@ def hyper_batch(rows, vocab_size, max_codebook_size, max_subtokens, disabled_ids
         match=tensor(matches, B, -1),
         pending_index=tensor(pending_index, B, -1))
 
+
 # -----------------------------------------------------------------------------
 # nanoGPT's blocks (the hyper-encoder is made of them too)
-
-
 class SelfAttention(nn.Module):
     """Multi-head self-attention: causal in the GPT, bidirectional over slots in the hyper-encoder."""
 
@@ -315,19 +287,17 @@ class SelfAttention(nn.Module):
         self.n_head, self.dropout, self.causal = config.n_head, config.dropout, causal
 
     def forward(self, x, mask=None, cache=None):
-        # mask: (B, 1, T, Tk) bool, True where attention is allowed. cache: (k, v, slots) for
-        # decoding: this layer's (B, nh, block_size, hs) caches and the (B, T) slots where this
-        # call's keys and values go; attention then reads the whole cache, under the mask.
+        # mask: (B, 1, T, Tk) bool, True where attention is allowed. cache, for decoding: (k, v, slots),
+        # this layer's (B, nh, block_size, hs) caches and the (B, T) slots for this call's keys and values.
         B, T, d = x.size()                                              # d: n_embd
         q, k, v = self.c_attn(x).split(d, dim=2)
         q, k, v = (z.view(B, T, self.n_head, d // self.n_head).transpose(1, 2) for z in (q, k, v))  # (B, nh, T, hs)
         if cache is not None:
             k_cache, v_cache, slots = cache
             rows = torch.arange(B, device=x.device)[:, None]               # (B, 1)
-            # written in place (an indexed assignment: compiled, it writes into the cache, where a
-            # scatter_ would copy the cache out and back), then attention reads all of it
+            # written in place by indexed assignment (compiled, a scatter_ would copy the cache)
             k_cache[rows, :, slots], v_cache[rows, :, slots] = k.transpose(1, 2), v.transpose(1, 2)   # (B, T, nh, hs)
-            k, v = k_cache, v_cache                                         # (B, nh, block_size, hs)
+            k, v = k_cache, v_cache                # (B, nh, block_size, hs): attention reads it all, under the mask
         dropout = self.dropout if self.training else 0.0
         causal = self.causal and mask is None
         y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, dropout_p=dropout, is_causal=causal)
@@ -362,18 +332,13 @@ class Block(nn.Module):
 
 # -----------------------------------------------------------------------------
 # The two embedding lookups in plain PyTorch, and the hyper-encoder. kernels.py fuses each lookup
-# into one Triton kernel, tested equal to these; kernels.use_kernels(model) swaps them in (train.py
-# does on a GPU).
-
-
+# (tested equal to these); kernels.use_kernels(model) swaps them in, as train.py does on a GPU.
 def embed_codes(idx, wte, table, vocab_size):
     """out[b, t] = wte[idx[b, t]] if idx[b, t] < vocab_size else table[b, idx[b, t] - vocab_size].
-
     idx (B, T) codes, wte (V, d), table (B, K, d) each row's hyper-embeddings -> (B, T, d).
     Boolean masks pick which positions read which table, so each position is looked up once.
     (Concatenating the tables into one F.embedding would copy all of wte every step.)
-    Example, V=3: idx [[0, 3, 2]] -> [[wte[0], table[0, 0], wte[2]]].
-    """
+    Example, V=3: idx [[0, 3, 2]] -> [[wte[0], table[0, 0], wte[2]]]."""
     B, T = idx.shape
     table = table.to(wte.dtype)      # the hyper-encoder may run in another precision (autocast)
     base = idx < vocab_size                                          # (B, T)
@@ -388,8 +353,7 @@ def embed_slots(contents, lengths, wte, slot_pos):
     """out[n, s] = wte[contents[n, s]] + slot_pos[s] for s < lengths[n], else exactly 0: the
     hyper-encoder's input. contents (N, M) base ids (pads hold any valid id), lengths (N,) in
     1..M, wte (V, d), slot_pos (M, d) -> (N, M, d).
-    Example: contents [[5, 7, 0]], lengths [2] -> [[wte[5] + p[0], wte[7] + p[1], 0]].
-    """
+    Example: contents [[5, 7, 0]], lengths [2] -> [[wte[5] + p[0], wte[7] + p[1], 0]]."""
     N, M = contents.shape
     pad = torch.arange(M, device=contents.device) >= lengths[:, None]   # (N, M)
     x = F.embedding(contents, wte) + slot_pos.to(wte.dtype)            # (N, M, d)
@@ -432,9 +396,8 @@ class HyperEncoder(nn.Module):
         if self.kind == "mlp":
             # (U, M * d), spelled out: view(U, -1) cannot size a batch with no contents (U = 0)
             return mean + self.proj(self.mlp(x.view(U, M * x.size(-1))))
-        # attention over a content's own slots: log w is -inf on pads and the same number on every
-        # real slot of a content, and softmax ignores a constant shift (one op, where a boolean
-        # mask costs three)
+        # attention over a content's own slots: log w is -inf on pads and one constant on its real
+        # slots, which softmax ignores (one op, where a boolean mask costs three)
         keys = w.log()[:, None, None, :]                                    # (U, 1, 1, M)
         h = self.c_in(x)                                                    # (U, M, dh)
         for block in self.blocks:
@@ -444,50 +407,37 @@ class HyperEncoder(nn.Module):
 
 # -----------------------------------------------------------------------------
 # The output vocabulary at each position: exact (DESIGN.md 2) and canonical (2.1)
-
-
-class Canon(NamedTuple):
-    """What the canonical mask (DESIGN.md 2.1) needs to know at a position (leading shape ...):
-    the encoder's current match, and each hyper column j of the logits as a trie node."""
-    match: torch.Tensor    # (...) the id of the encoder's current match; -1: none
-    parent: torch.Tensor   # (..., K + 1) the id of the match column j's entry extended by one base
-                           #   id; NO_PARENT where column j holds no installed entry
-    first: torch.Tensor    # (..., K + 1) the first base id of column j's code
-    last: torch.Tensor     # (..., K + 1) its last base id
-
-
 def canon_facts(match, n, nodes, pending_first):
-    """The Canon of positions (...) from what the reader knows there: the one rule for what each
-    hyper column is. match (...), n (...): the match's id and the entries installed; nodes (..., K, 3):
-    the row's entries as trie nodes (LZW.nodes; rows j >= n are not read); pending_first (...): the
-    pending content's first base id (any id when there is none). Column j < n is entry j; column n
-    is the pending id, nobody's child; a column past n holds no installed entry either."""
+    """What the canonical mask (DESIGN.md 2.1) needs at positions (...), from what the reader knows
+    there: the one rule for what each hyper column is. match (...): the encoder's current match (-1:
+    none); n (...): the entries installed; nodes (..., K, 3): the row's entries as trie nodes (LZW.nodes;
+    rows j >= n are not read); pending_first (...): the pending content's first base id (any if none).
+    Returns (match, parent, first, last), the last three (..., K + 1): column j < n is entry j, child
+    of match `parent`; column n (the pending id) and every column past it are nobody's (NO_PARENT)."""
     col = torch.arange(nodes.size(-2) + 1, device=nodes.device)                 # (K + 1,)
     parent, first, last = F.pad(nodes, (0, 0, 0, 1)).unbind(-1)                 # (..., K + 1) each
     n = n[..., None]
     first = torch.where(col == n, pending_first[..., None], first)
-    return Canon(match, torch.where(col < n, parent, NO_PARENT), first, last.expand_as(first))
+    return match, torch.where(col < n, parent, NO_PARENT), first, last.expand_as(first)
 
 
 def vocabulary_logits_(base, hyper_logits, n_valid, canon=None):
     """The next-code logits over the exact vocabulary (DESIGN.md 2) and, with canon, only the
     canonical codes (DESIGN.md 2.1): the one rule of training, scoring and decoding.
-
     base (..., V): the base logits, masked in place (hence the underscore); hyper_logits (..., K + 1):
     the hypertoken logits, column j < n entry j and column n the pending id (n: the entries
-    installed); n_valid (...): the valid hyper columns, n + 1 if a pending id exists, else n.
-    Returns (..., V + K + 1): column V + j is hypertoken V + j, every invalid or non-canonical
-    code -inf.
-    """
+    installed); n_valid (...): the valid hyper columns, n + 1 if a pending id exists, else n;
+    canon: canon_facts's (match, parent, first, last). Returns (..., V + K + 1): column V + j is
+    hypertoken V + j, every invalid or non-canonical code -inf."""
     invalid = torch.arange(hyper_logits.size(-1), device=base.device) >= n_valid[..., None]   # (..., K + 1)
     if canon is not None:
         # No code may start with a child of the match (DESIGN.md 2.1): -inf at the children's last
         # base ids, then at each hypertoken that starts with one. The ban is built in the logits'
         # dtype, not as log(0/1): CUDA autocast runs log in fp32, and scatter_add_ wants the logits'.
-        child = canon.parent == canon.match[..., None]                          # (..., K + 1)
-        ban = base.new_zeros(()).masked_fill(child, float("-inf"))             # (..., K + 1)
-        base.scatter_add_(-1, canon.last, ban)                                 # -inf at those base ids
-        invalid = invalid | (base.gather(-1, canon.first) == float("-inf"))
+        match, parent, first, last = canon
+        ban = base.new_zeros(()).masked_fill(parent == match[..., None], float("-inf"))   # (..., K + 1)
+        base.scatter_add_(-1, last, ban)                                      # -inf at the children's last ids
+        invalid = invalid | (base.gather(-1, first) == float("-inf"))
     return torch.cat([base, hyper_logits.masked_fill(invalid, float("-inf"))], dim=-1)
 
 
@@ -500,31 +450,26 @@ def token_nll(logits, targets):
     return nll.float().view(targets.shape)
 
 
-def tempered(logits, temperature):
-    """logits / temperature, in fp32. Subtle: the best logit is shifted to 0 before the division,
-    so a tiny temperature sends the others to -inf (never inf - inf = NaN) and the draw tends to
-    greedy; a divisor below float32's range would round to 0, so it is held at 1e-30."""
-    logits = logits.float()
-    return (logits - logits.amax(-1, keepdim=True)) / max(temperature, 1e-30)
-
-
-def sample(logits, temperature, top_k):
+def sample(logits, temperature, top_k, draw=None):
     """The next code of each row (B,) from its logits (B, W): greedy when temperature is 0 or top_k
-    is 1, else a draw from softmax(logits / temperature) over the top_k codes (fastgen.race: the
-    same draw with no host sync)."""
+    is 1, else a draw from softmax(logits / temperature) over the top_k codes, by torch.multinomial
+    or by draw(probs) (fastgen.race: the same distribution with no host sync)."""
     if temperature == 0 or top_k == 1:
         return logits.argmax(-1)
-    logits = tempered(logits, temperature)
+    # Subtle: the best logit is shifted to 0 first, so a tiny temperature sends the others to -inf (never
+    # inf - inf = NaN) and the draw to greedy; the divisor stays >= 1e-30, which fp32 does not round to 0.
+    logits = logits.float()
+    logits = (logits - logits.amax(-1, keepdim=True)) / max(temperature, 1e-30)
     if top_k is not None:                   # -inf below the k-th largest logit
         kth = torch.topk(logits, min(top_k, logits.size(-1))).values[:, -1:]      # (B, 1)
         logits = logits.masked_fill(logits < kth, float("-inf"))
-    return torch.multinomial(F.softmax(logits, dim=-1), 1)[:, 0]
+    probs = F.softmax(logits, dim=-1)
+    return torch.multinomial(probs, 1)[:, 0] if draw is None else draw(probs)
+
 
 # -----------------------------------------------------------------------------
-# Reading one code at a time with a KV cache (the Stepper): GPT.generate's loop, and GPT.nll's past
-# the context. fastgen.py runs the same for a batch, as one static step.
-
-
+# Reading one code at a time with a KV cache (the Stepper): GPT.generate's loop, and
+# likelihood.nll's past the context. fastgen.py runs the same for a batch, as one static step.
 def context_length(n, block_size):
     """How many of a row's last codes are in the context once its first n codes are read one at
     a time: the rule for a full context, written once (the Stepper and fastgen.py follow it). A
@@ -538,8 +483,7 @@ def context_length(n, block_size):
 
 
 def cache_dtype(model):
-    """The KV cache's dtype, the one the blocks compute in: autocast's if it is on (bf16 on a
-    GPU), else the weights'."""
+    """The KV cache's dtype, the blocks' compute dtype: autocast's if it is on, else the weights'."""
     kind, weights = model.device.type, model.transformer.wte.weight
     return torch.get_autocast_dtype(kind) if torch.is_autocast_enabled(kind) else weights.dtype
 
@@ -553,12 +497,10 @@ def embed_contents(model, contents):
 
 class Stepper:
     """KV-cached reading of one row of codes, one code at a time: read(code) returns the logits of
-    the code after it, (V + n + 1,) with n installed hypertokens (V + n: the pending id).
-
-    It keeps the row's LZW decoder (DESIGN.md 1.1), whose codebook grows as it reads, the
-    hyper-embeddings of the entries (encoded once, when installed) and every layer's keys and
-    values. A full context is cropped as context_length says and goes on: the codebook lives on.
-    """
+    the code after it, (V + n + 1,) with n installed hypertokens (V + n: the pending id). It keeps
+    the row's LZW decoder (DESIGN.md 1.1), the hyper-embeddings of its entries (each encoded once,
+    when installed) and every layer's keys and values. A full context is cropped as context_length
+    says and goes on: the codebook lives on."""
 
     def __init__(self, model):
         c, w = model.config, model.transformer.wte.weight
@@ -570,12 +512,12 @@ class Stepper:
 
     @torch.no_grad()
     def read(self, code):
-        c, n = self.model.config, self.lzw.n_entries
+        c, n = self.model.config, len(self.lzw.entries)
         self.lzw.push(code, self.n_read)          # decode it (ValueError if it is no valid code here)
-        if self.lzw.n_entries > n:                # the entries it installed: encode them once
+        if len(self.lzw.entries) > n:                # the entries it installed: encode them once
             h_in, h_out = embed_contents(self.model, self.lzw.entries[n:])
             self.table_in, self.table_out = torch.cat([self.table_in, h_in]), torch.cat([self.table_out, h_out])
-            new = torch.tensor(self.lzw.nodes(range(n, self.lzw.n_entries)), device=self.nodes.device)
+            new = torch.tensor(self.lzw.nodes(range(n, len(self.lzw.entries))), device=self.nodes.device)
             self.nodes = torch.cat([self.nodes, new])
         self.n_read += 1
         keep = context_length(self.n_read, c.block_size) - 1   # the codes before this one that stay
@@ -586,8 +528,7 @@ class Stepper:
         return self.next_logits(self.attend(code))
 
     def attend(self, code):
-        """Run a code through the blocks at the next position, its keys and values into the cache;
-        returns its final hidden state (d,)."""
+        """Run a code through the blocks at the next position (keys and values into the cache): its final state (d,)."""
         m, c, pos = self.model, self.model.config, len(self.context)
         self.context.append(code)
         x = m.transformer.wte.weight[code] if code < c.vocab_size else self.table_in[code - c.vocab_size]
@@ -604,7 +545,7 @@ class Stepper:
         base = m.lm_head(x)                                                         # (V,)
         if not c.has_hypertokens:
             return base
-        pending, n = lzw.pending(), lzw.n_entries
+        pending, n = lzw.pending(), len(lzw.entries)
         # the pending id scores with its content's vector: hyper column n (zeros when there is none)
         pending_vec = embed_contents(m, [pending])[1] if pending else x.new_zeros(1, c.n_embd)
         hyper_logits = torch.cat([self.table_out, pending_vec.to(self.table_out.dtype)]) @ x   # (n + 1,)
@@ -615,8 +556,6 @@ class Stepper:
 
 # -----------------------------------------------------------------------------
 # The config and the model: nanoGPT's GPT, plus a hyper-encoder for the hypertoken rows
-
-
 @dataclass
 class GPTConfig:
     block_size: int = 1024          # context, in codes: on source code it holds about twice the text of BPE
@@ -630,10 +569,9 @@ class GPTConfig:
     max_codebook_size: int = 1024   # C: at most this many hypertokens per sequence
     disabled_ids: tuple = (50256,)  # never merged: <|endoftext|> (the tokenizer may add digits)
     canonical: bool = True          # score only canonical codes (DESIGN.md 2.1): the NLL is -log P(text)
-    hyper_encoder: str = "transformer"  # transformer | mlp | mean (the paper: 1-2 layers beat the mean)
+    hyper_encoder: str = "transformer"  # transformer | mlp | mean (HyperEncoder says what each is)
     hyper_n_layer: int = 1          # hyper-encoder depth: 1-2 layers beat mean pooling in the paper
-    hyper_n_embd: int = 0           # its width; 0: about n_embd // 4 (hyper_width), so a new entry costs
-                                    #   a few percent of a decoding step (about one is made per step)
+    hyper_n_embd: int = 0           # its width; 0: about n_embd // 4 (hyper_width): a step's new entry is cheap
     hyper_n_head: int = 4           # its heads: few, for it attends over at most M slots
     tie_weights: bool = True        # one embedding (and one hyper-encoder) for input and output, as GPT-2
     recon_lambda: float = 0.1       # weight of the reconstruction loss (paper: 0.1); 0 turns it off
@@ -653,7 +591,6 @@ class GPTConfig:
 
 
 class GPT(nn.Module):
-
     def __init__(self, config):
         super().__init__()
         self.config = config
@@ -691,12 +628,6 @@ class GPT(nn.Module):
         elif isinstance(module, nn.Embedding):
             torch.nn.init.normal_(module.weight, mean=0.0, std=0.02)
 
-    def get_num_params(self, non_embedding=True):
-        n_params = sum(p.numel() for p in self.parameters())
-        if non_embedding:
-            n_params -= self.transformer.wpe.weight.numel()
-        return n_params
-
     @property
     def device(self):
         return self.transformer.wte.weight.device
@@ -719,12 +650,10 @@ class GPT(nn.Module):
 
     def forward(self, idx, targets=None, hyper=None, with_parts=False):
         """idx (B, T) codes -> logits (B, T, V [+ K + 1]) and, with targets, the loss (else None).
-
         Column V + j is hypertoken V + j. hyper: the rows' HyperBatch; derived from idx if None,
         and then the targets are checked too (a loader's batches are valid by construction).
         with_parts=True also returns the loss's parts, detached, as a third value: {"lm": the
-        mean NLL of the targets, "recon": the reconstruction loss, when there is one}.
-        """
+        mean NLL of the targets, "recon": the reconstruction loss, when there is one}."""
         c, device = self.config, idx.device
         B, T = idx.size()
         if T > c.block_size:
@@ -763,10 +692,9 @@ class GPT(nn.Module):
         return (logits, loss, parts) if with_parts else (logits, loss)
 
     def exact_logits_(self, base, x, hyper, h_out):
-        """The logits over each position's exact (and canonical) vocabulary (DESIGN.md 2, 2.1):
-        base (B, T, V), masked in place, joined with the scores of the row's installed entries and
-        its pending id. x (B, T, d) the final hidden states; h_out (U, d) the contents' output
-        hyper-embeddings. Returns (B, T, V + K + 1)."""
+        """The logits over each position's exact (and canonical) vocabulary (DESIGN.md 2, 2.1): base
+        (B, T, V), masked in place, joined with the scores of the row's installed entries and its pending
+        id. x (B, T, d): the final hidden states; h_out (U, d): the contents' output hyper-embeddings."""
         K = hyper.entry_index.size(1)
         table = h_out[hyper.entry_index]                                      # (B, K, d)
         # the pending id's vector; -1 (no pending id) reads an appended row of zeros
@@ -782,8 +710,7 @@ class GPT(nn.Module):
         return vocabulary_logits_(base, hyper_logits, hyper.n_installed + (hyper.pending_index >= 0), canon)
 
     def reconstruction_loss(self, h, contents, lengths):
-        """The paper's auxiliary loss: each slot's base id from the hyper-embedding, by f_psi.
-        0 when there are no contents (U = 0)."""
+        """The paper's auxiliary loss: each slot's base id from the hyper-embedding, by f_psi (0 if U = 0)."""
         U, M = contents.size()
         n = min(U, self.config.recon_max_entries)
         pick = torch.randperm(U, device=h.device)[:n]                         # a random subsample
@@ -792,25 +719,21 @@ class GPT(nn.Module):
         target = contents[pick].masked_fill(torch.arange(M, device=h.device) >= lengths[pick, None], -1)
         return token_nll(logits, target).sum() / (target >= 0).sum().clamp(min=1)
 
-    # -------------------------------------------------------------------------
-    # The prefix NLL (DESIGN.md 2.2) that training's evaluation reports: -log P(the model's text
-    # starts with this one). evals/likelihood.py builds every other likelihood on the same rule.
-
     def last_code_choices(self, codes):
         """The codes that may stand at the last position of `codes` when their text goes on: every
-        valid code there whose content starts with the last code's (DESIGN.md 2.2)."""
+        valid code there whose content starts with the last code's (DESIGN.md 2.2). The prefix NLL
+        that training's evaluation reports, -log P(the model's text starts with this one), sums
+        their probabilities at the last position, and evals/likelihood.py builds on the same rule."""
         lzw = self.codec()
         for t, code in enumerate(codes[:-1]):
             lzw.push(code, t)
         return lzw.starting_with(lzw.resolve(codes[-1], len(codes) - 1))
 
-    # -------------------------------------------------------------------------
-    # Generation, one code at a time (fastgen.py: the same, batched and compiled)
-
     @torch.no_grad()
     def generate(self, idx, max_new_tokens, temperature=1.0, top_k=None):
-        """Continue each row of codes by max_new_tokens codes. idx: a (B, T) tensor, or a list of
-        B lists of codes (prompts of different lengths). Returns the same kind, prompts included.
+        """Continue each row of codes by max_new_tokens codes, one row and one code at a time
+        (fastgen.generate: the same, batched and compiled). idx: a (B, T) tensor, or a list of B
+        lists of codes (prompts of different lengths). Returns the same kind, prompts included.
         Everything it returns decodes; temperature 0 or top_k=1 is greedy."""
         rows, out = prompt_rows(idx, temperature, top_k, max_new_tokens), []
         for b, row in enumerate(rows):       # rows never affect each other: one at a time

@@ -44,7 +44,7 @@ def lattice(model, ids, ends):
             choices[p].append((code, length))
         pend = lzw.pending()
         if pend is not None and p + len(pend) < len(ids) and tuple(ids[p:p + len(pend)]) == pend:
-            choices[p].append((c.vocab_size + lzw.n_entries, len(pend)))
+            choices[p].append((c.vocab_size + len(lzw.entries), len(pend)))
         finals[p] = {e: lzw.starting_with(ids[p:e]) for e in ends if 0 < e - p <= c.max_subtokens}
     return choices, finals
 

@@ -37,7 +37,7 @@ import bench
 import fastgen
 from data.common import gpt2_bpe
 from evals.efficiency import compression_stats
-from lib import cli
+from lib import cli, report
 from zip2zip import Tokenizer
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))   # the repository
@@ -145,7 +145,7 @@ def bits_per_byte(cfg, models):
         m = estimate_loss(model, windows, cfg.eval_batch_size, nullcontext())
         steps, seconds = ckpt.get("iter_num", "?"), ckpt.get("train_seconds")
         result[path] = (model.config.max_subtokens, m["bpb"], steps)
-        print(f"| {path} | {model.config.max_subtokens} | {model.get_num_params() / 1e6:.1f}M | {steps} | "
+        print(f"| {path} | {model.config.max_subtokens} | {report.n_params(model) / 1e6:.1f}M | {steps} | "
               f"{'?' if seconds is None else f'{seconds:.0f}'} | {m['bpb']:.4f} | {m['ratio']:.3f} | "
               f"{m['bytes_per_code']:.2f} |")
     return result

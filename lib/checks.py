@@ -8,6 +8,12 @@ import numpy as np
 import torch
 
 
+def check_codec(vocab_size, max_codebook_size, max_subtokens):
+    if vocab_size < 1 or max_codebook_size < 0 or max_subtokens < 1:
+        raise ValueError(f"need vocab_size >= 1, max_codebook_size >= 0, max_subtokens >= 1; "
+                         f"got {vocab_size}, {max_codebook_size}, {max_subtokens}")
+
+
 def check_base_ids(ids, vocab_size, offset=0):
     # two fast passes (min, max); the walk that finds the position runs only on a failure
     if len(ids) and not (0 <= min(ids) and max(ids) < vocab_size):

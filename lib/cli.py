@@ -409,7 +409,7 @@ def segments(tok, codes):
     (a character cut off at the end, or bytes out of order) are shown as escapes such as \\xe2."""
     lzw, utf8, out = tok.codec(), codecs.getincrementaldecoder("utf-8")("backslashreplace"), []
     for i, code in enumerate(codes):
-        ids, _ = lzw.push(code, i)
+        ids = lzw.push(code, i)
         out.append((code, utf8.decode(b"".join(tok.token_bytes[t] for t in ids))))
     if out:
         out[-1] = (out[-1][0], out[-1][1] + utf8.decode(b"", final=True))

@@ -17,11 +17,17 @@ from lib.loader import EOT
 from lib.meter import eta_seconds, hms
 
 
+def n_params(model, non_embedding=True):
+    """The model's parameters; non_embedding=True leaves out the position embeddings (nanoGPT's count)."""
+    n = sum(p.numel() for p in model.parameters())
+    return n - model.transformer.wpe.weight.numel() if non_embedding else n
+
+
 def model(env, model):
     """The line that opens a run: parameters (and how many train: LoRA freezes the rest), M and
     C, codes per step (ranks x micro-batches x rows x codes), device and dtype."""
     cfg, n_trained = env.cfg, sum(p.numel() for p in model.parameters() if p.requires_grad)
-    print(f"model: {model.get_num_params(False) / 1e6:.2f}M parameters ({n_trained / 1e6:.2f}M trained), "
+    print(f"model: {n_params(model, False) / 1e6:.2f}M parameters ({n_trained / 1e6:.2f}M trained), "
           f"M={cfg.max_subtokens}, C={cfg.max_codebook_size}; "
           f"{env.world * env.accum * cfg.batch_size * cfg.block_size:,} codes per step ({env.world} x {env.accum} "
           f"x {cfg.batch_size} x {cfg.block_size}); {env.device}, {env.dtype}")

@@ -18,7 +18,7 @@ def code_streams(ids, vocab_size, max_codebook_size, max_subtokens, disabled_ids
     def extend(lzw, p, codes):
         if p == len(ids) and not prefix:
             out.append(codes)
-        for x in range(vocab_size + lzw.n_entries + 1):
+        for x in range(vocab_size + len(lzw.entries) + 1):
             try:
                 content = list(lzw.resolve(x))
             except ValueError:

@@ -1,6 +1,8 @@
 """The shape a learner meets: zip2zip.py defines every module-level function above its first use
-(read top to bottom, nothing is used before it is explained), and the top level holds at most
-seven .py files: the method and the scripts people run most (the rest is in evals/, lib/, data/)."""
+(read top to bottom, nothing is used before it is explained) and reads in one sitting (at most 750
+lines, the reading budget: the evaluation API, file loading and input checks live in evals/, data/
+and lib/), and the top level holds at most seven .py files: the method and the scripts people run
+most."""
 import ast
 import os
 
@@ -17,6 +19,13 @@ def test_zip2zip_defines_each_name_above_its_first_use():
             first_use[node.id] = min(first_use.get(node.id, node.lineno), node.lineno)
     early = {name for name, line in first_use.items() if line < defined[name]}
     assert early == set(), early
+
+
+def test_zip2zip_fits_the_reading_budget():
+    with open(os.path.join(ROOT, "zip2zip.py")) as f:
+        lines = f.read().splitlines()
+    assert len(lines) <= 750, f"zip2zip.py is {len(lines)} lines: the budget is 750 (what is not the method: evals/, lib/)"
+    assert max(map(len, lines)) <= 120
 
 
 def test_the_top_level_holds_at_most_seven_python_files():

@@ -67,10 +67,9 @@ def test_worked_codebook():
 def test_kwkwk_pending():
     # After reading 7 the decoder knows no entry; the next code 100 is the pending id [7,7].
     lzw = LZW(100, 64, 4)
-    assert lzw.push(7) == ((7,), range(100, 100))
+    assert lzw.push(7) == (7,) and len(lzw.entries) == 0
     assert lzw.pending() == (7, 7)
-    ids, new = lzw.push(100)
-    assert ids == (7, 7) and list(new) == [100]       # reading 100 installed it
+    assert lzw.push(100) == (7, 7) and lzw.entries == [(7, 7)]    # reading 100 installed it
     assert lzw.pending() == (7, 7, 7)                   # the match is (7,7) now
 
 
@@ -114,10 +113,10 @@ def test_codebook_full_and_kwkwk_runs_happen():
         V, C, M, D = random_params(rng)
         ids = random_stream(rng, V, 60)
         codes, lzw = encoded_state(ids, V, C, M, D)
-        full += 0 < C == lzw.n_entries
+        full += 0 < C == len(lzw.entries)
         dec = LZW(V, C, M, D)
         for c in codes:
-            kwkwk += c == V + dec.n_entries
+            kwkwk += c == V + len(dec.entries)
             dec.push(c)
     assert full > 20 and kwkwk > 20
 
@@ -126,7 +125,7 @@ def test_max_subtokens_one_is_identity():
     rng = random.Random(1)
     ids = random_stream(rng, 5, 200)
     codes, lzw = encoded_state(ids, 5, 100, 1)
-    assert codes == ids and lzw.n_entries == 0
+    assert codes == ids and len(lzw.entries) == 0
 
 
 @pytest.mark.parametrize("seed", range(4))
@@ -142,7 +141,7 @@ def test_expanded_hypertokens_decode(seed):
         for c in codes:
             noisy += list(lzw.content(c)) if c >= V and rng.random() < 0.4 else [c]
         dec = LZW(V, C, M, D)
-        assert [t for i, c in enumerate(noisy) for t in dec.push(c, i)[0]] == ids
+        assert [t for i, c in enumerate(noisy) for t in dec.push(c, i)] == ids
         assert dec.entries == lzw.entries
 
 
@@ -155,10 +154,10 @@ def test_random_valid_streams_decode(seed):
         V, C, M, D = random_params(rng)
         dec, stream, ids = LZW(V, C, M, D), [], []
         for _ in range(rng.randint(1, 60)):
-            valid = list(range(V + dec.n_entries)) + ([V + dec.n_entries] if dec.pending() else [])
+            valid = list(range(V + len(dec.entries))) + ([V + len(dec.entries)] if dec.pending() else [])
             code = rng.choice(valid[V:]) if valid[V:] and rng.random() < 0.5 else rng.choice(valid)
             stream.append(code)
-            ids += dec.push(code)[0]
+            ids += dec.push(code)
         assert lzw_decode(stream, V, C, M, D) == ids
         assert dec.entries == encoded_state(ids, V, C, M, D)[1].entries
 

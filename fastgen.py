@@ -53,7 +53,7 @@ def decode_step(model, state, packed, temperature, top_k):
     """
     c, wte = model.config, model.transformer.wte.weight
     B, M, S = state["rows"].size(0), c.max_subtokens, SLOTS
-    base_id, table_row, pos, n_plus, match = packed[:5 * B].view(5, B).unbind(0)     # (B,) each
+    base_id, table_row, pos, n_valid, match = packed[:5 * B].view(5, B).unbind(0)     # (B,) each
     x = wte[base_id]                                                                # (B, d)
     if c.has_hypertokens:
         slots, trie, contents, lengths = packed[5 * B:].split([B * S, B * S * 3, B * S * M, B * S])
@@ -85,7 +85,7 @@ def decode_step(model, state, packed, temperature, top_k):
         # mask is training's (zip2zip.vocabulary_logits_), with the trie facts of each table row
         hyper_logits = torch.einsum("bd,bkd->bk", x, state["table_out"])           # (B, C + 1)
         canon = (match, *state["trie"].unbind(-1)) if c.canonical else None       # (B,), (B, C + 1) x 3
-        logits = vocabulary_logits_(logits, hyper_logits, n_plus, canon)            # (B, V + C + 1)
+        logits = vocabulary_logits_(logits, hyper_logits, n_valid, canon)            # (B, V + C + 1)
     dead = torch.isneginf(logits).all(-1)                                           # (B,): no valid code
     return logits, sample(logits, temperature, top_k, draw=race).masked_fill(dead, -1)
 

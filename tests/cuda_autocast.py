@@ -50,7 +50,7 @@ class _Fp32Policy(TorchFunctionMode):
         return func(*args, **kwargs)
 
 
-class _Fp32Copies(TorchDispatchMode):
+class Fp32Copies(TorchDispatchMode):
     """Records (op, shape) of every new fp32 tensor of more than one row as wide as `width` or wider."""
 
     def __init__(self, width):
@@ -71,7 +71,7 @@ class _Fp32Copies(TorchDispatchMode):
 def cuda_autocast(vocab_size, dtype=torch.bfloat16, autocast=True):
     """CPU autocast in `dtype` with CUDA's float32 policy; yields the recorder (.fp32_copies).
     autocast=False: the policy and the recorder only, for code that enters autocast itself."""
-    seen = _Fp32Copies(vocab_size)
+    seen = Fp32Copies(vocab_size)
     with (torch.autocast("cpu", dtype=dtype) if autocast else nullcontext()), _Fp32Policy(), seen:
         yield seen
 

@@ -510,28 +510,17 @@ def test_the_context_holds_at_least_two_codes():
 
 
 def test_bf16_logits_stay_bf16_and_no_fp32_copy_of_them():
-    from torch.utils._python_dispatch import TorchDispatchMode
-
-    class BigFp32(TorchDispatchMode):
-        def __init__(self, numel):
-            super().__init__()
-            self.numel, self.seen = numel, []
-
-        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
-            out = func(*args, **(kwargs or {}))
-            for t in (out if isinstance(out, (tuple, list)) else [out]):
-                if torch.is_tensor(t) and t.dtype == torch.float32 and t.numel() >= self.numel:
-                    self.seen.append(str(func))
-            return out
+    # CPU autocast's own policy (tests/test_cuda_autocast.py runs CUDA's): the recorder sees any
+    # new fp32 tensor of more than one row as wide as the vocabulary
+    from cuda_autocast import Fp32Copies
 
     model = tiny(vocab_size=4000, disabled_ids=(EOT,)).train()
     row = codes_of(0, model)
     idx, tgt = torch.tensor([row[:-1]] * 2), torch.tensor([row[1:]] * 2)
-    watch = BigFp32(idx.numel() * 4000)                  # anything the size of the logits
-    with torch.autocast("cpu", dtype=torch.bfloat16), watch:
+    with torch.autocast("cpu", dtype=torch.bfloat16), Fp32Copies(4000) as watch:
         logits, loss = model(idx, tgt)
     loss.backward()
-    assert logits.dtype == torch.bfloat16 and watch.seen == [], watch.seen
+    assert logits.dtype == torch.bfloat16 and watch.fp32_copies == [], watch.fp32_copies
     with torch.autocast("cpu", dtype=torch.bfloat16), torch.no_grad():
         dec, stepper = fastgen.StaticStepper(model.eval(), [row[:5]]), z.Stepper(model)
     # both decoders keep their KV cache in the compute dtype (zip2zip.cache_dtype decides it)
